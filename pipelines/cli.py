@@ -1,0 +1,129 @@
+"""`rerank` command line: run | demo | serve | eval.
+
+This module and jobs/ are the entry points: they alone start or connect to Ray. A user error (RerankError)
+ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pipelines.config import RayConfig
+from pipelines.errors import RerankError
+
+log = logging.getLogger("rerank")
+
+
+def connect_ray(ray_config: RayConfig | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray for this process.
+
+    Locally Ray gets a few more logical CPUs than cores: an actor pool holding every CPU would otherwise starve
+    the read tasks feeding it, and the job would hang on small machines.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    cores = os.cpu_count() or 2
+    num_cpus = (ray_config.num_cpus if ray_config and ray_config.num_cpus else None) or cores + 2
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file (see conf/ and the README)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any config key, e.g. --set output.top_n=5 (repeatable)",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.batch import run_rerank
+    from pipelines.config import RerankJobConfig, load_config
+
+    config = load_config(RerankJobConfig, args.config, args.overrides)
+    connect_ray(config.ray)
+    summary = run_rerank(config)
+    print(summary.one_line())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    connect_ray()
+    return run_demo(args.output, args.overrides)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def _register_builtin() -> None:
+    def run_args(p: argparse.ArgumentParser) -> None:
+        _add_config_args(p)
+
+    def demo_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--output", default="rerank-output/demo", help="where to write the demo results")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    COMMANDS["run"] = ("rerank Parquet candidates with a model, top-N per query out", run_args, _cmd_run)
+    COMMANDS["demo"] = ("run the batch job on the bundled Cranfield data with the offline MiniLM", demo_args, _cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    if not COMMANDS:
+        _register_builtin()
+        _register_plugins()
+    parser = argparse.ArgumentParser(prog="rerank", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def _register_plugins() -> None:
+    """Subcommands that live beside their feature (serve, eval) register here."""
+    for module in ("pipelines.serve", "pipelines.evaluation"):
+        try:
+            mod = __import__(module, fromlist=["register_cli"])
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):
+                continue
+            raise
+        register = getattr(mod, "register_cli", None)
+        if register is not None:
+            register(COMMANDS, _add_config_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except RerankError as err:
+        print(f"rerank: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rerank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

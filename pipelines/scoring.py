@@ -1,0 +1,223 @@
+"""The model: one Scorer for the batch job, the service and the evaluation, so their scores agree.
+
+No Ray here. A Scorer loads a Hugging Face model once and turns (query, passage) pairs into float32 scores.
+Pairs are sorted by token length into micro-batches so that padding stays small, then put back in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.config import ModelConfig
+from pipelines.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {device!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+    return dev
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the summary and the service report about the model actually loaded."""
+
+    name_or_path: str
+    kind: str
+    revision: str
+    num_labels: int | None
+    device: str
+    dtype: str
+
+
+def model_fingerprint(name_or_path: str, revision: str | None) -> str:
+    """A pinned revision, or the hub commit of the cached snapshot, or a hash of a local folder's files."""
+    if revision:
+        return revision
+    p = Path(name_or_path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                h.update(str(f.relative_to(p)).encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+        return "sha256:" + h.hexdigest()[:16]
+    return "main"
+
+
+class Scorer:
+    """Scores (query, passage) pairs with a cross-encoder or a bi-encoder.
+
+    >>> scorer = Scorer(ModelConfig(name_or_path="cross-encoder/ms-marco-MiniLM-L6-v2"))
+    >>> scorer.score(["what is ray"], ["Ray is a framework for scaling Python."])
+    """
+
+    def __init__(self, config: ModelConfig):
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        dtype = _DTYPES[config.dtype]
+        if self.device.type == "cpu" and dtype != torch.float32:
+            log.warning("model.dtype=%s on CPU is slow or unsupported; consider float32", config.dtype)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
+            hf_config = AutoConfig.from_pretrained(config.name_or_path, **kwargs)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot load model {config.name_or_path!r}: {str(err).splitlines()[0]} "
+                "(check model.name_or_path, network access to the hub, or HF_HUB_OFFLINE and the local cache)"
+            ) from None
+        if config.kind == "cross-encoder":
+            num_labels = getattr(hf_config, "num_labels", 1)
+            if num_labels not in (1, 2):
+                raise ConfigError(
+                    f"model {config.name_or_path!r} has num_labels={num_labels}; a cross-encoder needs 1 (a relevance "
+                    "logit) or 2 (not relevant / relevant). For an embedding model set model.kind: bi-encoder"
+                )
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                config.name_or_path, dtype=dtype, **kwargs
+            )
+            self.num_labels: int | None = num_labels
+        else:
+            self.model = AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
+            self.num_labels = None
+        self.model.to(self.device).eval()
+        self.max_length = min(config.max_length, self._model_max_positions())
+        self.max_query_length = config.max_query_length or self.max_length // 2
+        self.info = ModelInfo(
+            name_or_path=config.name_or_path,
+            kind=config.kind,
+            revision=model_fingerprint(config.name_or_path, config.revision),
+            num_labels=self.num_labels,
+            device=str(self.device),
+            dtype=config.dtype,
+        )
+
+    def _model_max_positions(self) -> int:
+        limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
+        usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+        return min(usable) if usable else 512
+
+    # ------------------------------------------------------------------ public API
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        """Scores aligned lists of queries and passages; returns float32 of the same length."""
+        if len(queries) != len(passages):
+            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+        if not len(queries):
+            return np.zeros(0, dtype=np.float32)
+        q = [self.config.query_template.format(query=x) for x in queries]
+        p = [self.config.passage_template.format(text=x) for x in passages]
+        if self.config.kind == "bi-encoder":
+            return self._score_bi(q, p)
+        return self._score_cross(q, p)
+
+    def rank(self, query: str, passages: Sequence[str], top_n: int | None = None) -> list[tuple[int, float]]:
+        """(index, score) pairs best first; ties keep input order."""
+        scores = self.score([query] * len(passages), passages)
+        order = np.argsort(-scores, kind="stable")
+        if top_n is not None:
+            order = order[:top_n]
+        return [(int(i), float(scores[i])) for i in order]
+
+    # ------------------------------------------------------------------ cross-encoder
+
+    def _cap_queries(self, queries: list[str]) -> list[str]:
+        """Cut over-long queries so pair truncation can always cut the passage, never the query."""
+        unique = list(dict.fromkeys(queries))
+        ids = self.tokenizer(unique, add_special_tokens=False, truncation=False)["input_ids"]
+        capped = {}
+        for text, tok in zip(unique, ids):
+            if len(tok) > self.max_query_length:
+                capped[text] = self.tokenizer.decode(tok[: self.max_query_length])
+        return [capped.get(x, x) for x in queries] if capped else queries
+
+    def _score_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
+        queries = self._cap_queries(queries)
+        enc = self.tokenizer(
+            queries, passages, truncation="only_second", max_length=self.max_length, padding=False
+        )
+        input_ids = enc["input_ids"]
+        extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
+        out = np.empty(len(queries), dtype=np.float32)
+        for idx in self._micro_batches([len(x) for x in input_ids]):
+            features = {"input_ids": [input_ids[i] for i in idx]}
+            for k, v in extra.items():
+                features[k] = [v[i] for i in idx]
+            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                logits = self.model(**batch).logits.float()
+            out[idx] = self._logits_to_scores(logits).cpu().numpy()
+        return out
+
+    def _logits_to_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.num_labels == 1:
+            score = logits[:, 0]
+            return torch.sigmoid(score) if self.config.activation == "sigmoid" else score
+        if self.config.activation == "sigmoid":
+            return torch.softmax(logits, dim=-1)[:, 1]
+        return logits[:, 1]
+
+    # ------------------------------------------------------------------ bi-encoder
+
+    def embed(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+        """Mean-pooled, L2-normalised embeddings (bi-encoder models), float32 [n, dim]."""
+        if self.config.kind != "bi-encoder":
+            raise ConfigError("embed() needs model.kind: bi-encoder")
+        texts = list(texts)
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length or self.max_length, padding=False)
+        input_ids = enc["input_ids"]
+        extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
+        dim = self.model.config.hidden_size
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        for idx in self._micro_batches([len(x) for x in input_ids]):
+            features = {"input_ids": [input_ids[i] for i in idx]}
+            for k, v in extra.items():
+                features[k] = [v[i] for i in idx]
+            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out[idx] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
+        return out
+
+    def _score_bi(self, queries: list[str], passages: list[str]) -> np.ndarray:
+        unique_q = list(dict.fromkeys(queries))
+        q_index = {q: i for i, q in enumerate(unique_q)}
+        q_emb = self.embed(unique_q, max_length=self.max_query_length)
+        p_emb = self.embed(passages)
+        rows = np.fromiter((q_index[q] for q in queries), dtype=np.int64, count=len(queries))
+        return np.einsum("ij,ij->i", q_emb[rows], p_emb).astype(np.float32)
+
+    # ------------------------------------------------------------------ batching
+
+    def _micro_batches(self, lengths: list[int]) -> list[np.ndarray]:
+        """Indices grouped into micro-batches of similar length (longest first, so OOM shows up at once)."""
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        bs = self.config.batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+
+def default_threads(num_cpus: float) -> int:
+    """torch threads for an actor that reserved num_cpus (Ray sets OMP_NUM_THREADS=1 for fractional actors)."""
+    return max(1, min(os.cpu_count() or 1, int(round(num_cpus))))
