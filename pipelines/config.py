@@ -111,7 +111,11 @@ class OutputConfig(_Strict):
 class ScaleConfig(_Strict):
     """How the scoring stage is spread over the cluster."""
 
-    num_actors: int = Field(1, ge=1, description="Scoring actors (model replicas); the minimum when max_actors is set.")
+    num_actors: int | Literal["auto"] = Field(
+        "auto",
+        description="Scoring actors (model copies); the minimum when max_actors is set. auto: one per GPU when "
+        "actors take GPUs, else one per num_cpus_per_actor of the cluster's CPUs, less 2 kept for reading.",
+    )
     max_actors: int | None = Field(None, ge=1, description="Set to autoscale the actor pool between num_actors and this.")
     num_gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="GPUs per actor; auto: 1 when the cluster has GPUs, else 0."
@@ -124,7 +128,9 @@ class ScaleConfig(_Strict):
 
     @model_validator(mode="after")
     def _range(self) -> "ScaleConfig":
-        if self.max_actors is not None and self.max_actors < self.num_actors:
+        if isinstance(self.num_actors, int) and self.num_actors < 1:
+            raise ValueError("scale.num_actors must be >= 1 or 'auto'")
+        if self.max_actors is not None and isinstance(self.num_actors, int) and self.max_actors < self.num_actors:
             raise ValueError("scale.max_actors must be >= scale.num_actors")
         return self
 
@@ -219,3 +225,114 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     return validate_config(model, data, source=str(path) if path else "config")
+
+
+# ---------------------------------------------------------------------------------------------- online service
+
+
+class ServeAutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the service's replicas (each replica holds one copy of the model)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept up when idle; 0 scales to zero (first request waits for a model load).")
+    max_replicas: int = Field(2, ge=1, description="Upper bound; each replica needs num_cpus/num_gpus_per_replica free in the cluster.")
+    target_ongoing_requests: float = Field(
+        16.0,
+        gt=0,
+        description="Ongoing requests per replica the autoscaler aims for. Lower: more replicas, lower latency; "
+        "higher: fuller batches, fewer replicas. Keep it below serve.max_ongoing_requests.",
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long before a replica is removed.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "ServeAutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("serve.autoscaling.max_replicas must be >= serve.autoscaling.min_replicas")
+        return self
+
+
+class ServeConfig(_Strict):
+    """`rerank serve`: the online reranking service on Ray Serve."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP proxy binds. Anything but loopback needs an API key (or allow_unauthenticated).",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Ray Serve proxy.")
+    app_name: str = Field("rerank", min_length=1, description="Ray Serve application name.")
+    route_prefix: str = Field("/", description="URL prefix of every endpoint, e.g. /rerank-svc behind a shared proxy.")
+    model_name: str | None = Field(
+        None,
+        description="Model id reported by /v1/models and in responses (default: the last part of model.name_or_path). "
+        "The 'model' field of requests is accepted whatever it says.",
+    )
+    api_key: str | None = Field(
+        None,
+        description="Bearer token clients must send (Authorization: Bearer ...). Prefer the environment variable "
+        "named by api_key_env, so the key stays out of config files.",
+    )
+    api_key_env: str = Field("RERANK_API_KEY", description="Environment variable read for the API key when api_key is unset.")
+    allow_unauthenticated: bool = Field(
+        False, description="Allow a non-loopback host without an API key (e.g. behind an authenticating gateway)."
+    )
+    num_replicas: int = Field(1, ge=1, description="Fixed number of replicas; leave unset when autoscaling is set.")
+    autoscaling: ServeAutoscalingConfig | None = Field(
+        None, description="Set to autoscale between min_replicas and max_replicas instead of a fixed num_replicas."
+    )
+    num_cpus_per_replica: float = Field(
+        1.0, gt=0, description="CPUs reserved per replica; also its torch thread count on CPU (model.num_threads overrides)."
+    )
+    num_gpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="GPUs per replica; auto: 1 when the cluster has GPUs, else 0."
+    )
+    max_batch_pairs: int = Field(
+        256,
+        ge=1,
+        description="(query, document) pairs scored in one model call, gathered from all waiting requests. Larger: "
+        "better throughput, longer waits; the model still runs model.batch_size pairs per forward pass.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a batch waits for more requests once the first arrives: latency vs batch size."
+    )
+    max_documents: int = Field(
+        10_000, ge=1, description="Documents per request; larger requests are refused with 413. Large requests are "
+        "split across batches, so this bounds work per request, not batch size."
+    )
+    max_text_chars: int = Field(
+        32_768, ge=1, description="Characters per query or document; longer texts are refused with 413 (the model "
+        "truncates to model.max_length tokens anyway, this caps tokenizer work)."
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests a replica works on at once (all of them can share batches). Past this, requests wait "
+        "in the proxy's queue.",
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting in each proxy for a free replica; past it: 503 + Retry-After. -1: unbounded."
+    )
+    max_queued_pairs: int = Field(
+        20_000,
+        ge=1,
+        description="Pairs admitted into a replica and not yet scored; a request that would pass it gets 503 + "
+        "Retry-After (one request is always admitted into an idle replica, whatever its size).",
+    )
+    retry_after_s: int = Field(2, ge=0, description="Retry-After seconds sent with 503 (overload) responses.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set serve.num_replicas or serve.autoscaling, not both")
+        if self.autoscaling is not None and self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError("serve.autoscaling.target_ongoing_requests must be <= serve.max_ongoing_requests")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("serve.route_prefix must start with /")
+        return self
+
+
+class ServeAppConfig(_Strict):
+    """`rerank serve` and the Ray Serve application builder `pipelines.serve:build_app`."""
+
+    model: ModelConfig
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)

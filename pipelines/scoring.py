@@ -49,7 +49,7 @@ def model_fingerprint(name_or_path: str, revision: str | None) -> str:
     """A pinned revision, or the hub commit of the cached snapshot, or a hash of a local folder's files."""
     if revision:
         return revision
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(p.rglob("*")):
@@ -57,7 +57,54 @@ def model_fingerprint(name_or_path: str, revision: str | None) -> str:
                 h.update(str(f.relative_to(p)).encode())
                 h.update(hashlib.sha256(f.read_bytes()).digest())
         return "sha256:" + h.hexdigest()[:16]
-    return "main"
+    # A hub id: the commit the local cache resolved "main" to, which is what from_pretrained loads.
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        ref = Path(HF_HUB_CACHE) / ("models--" + name_or_path.replace("/", "--")) / "refs" / "main"
+        if ref.is_file():
+            return ref.read_text().strip()
+    except ImportError:
+        pass
+    return "main (unresolved)"
+
+
+def load_tokenizer_and_labels(config: ModelConfig):
+    """Load the tokenizer and check the model config without loading weights: cheap enough for a driver to
+    validate a job's model before any cluster time is spent. Returns (tokenizer, num_labels or None)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
+        hf_config = AutoConfig.from_pretrained(config.name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot load model {config.name_or_path!r}: {str(err).strip().splitlines()[0]} "
+            "(check model.name_or_path, access to the Hugging Face hub, or HF_HUB_OFFLINE and the local cache)"
+        ) from None
+    if config.kind == "bi-encoder":
+        return tokenizer, None
+    num_labels = getattr(hf_config, "num_labels", 1)
+    if num_labels not in (1, 2):
+        raise ConfigError(
+            f"model {config.name_or_path!r} has num_labels={num_labels}; a cross-encoder needs 1 (a relevance "
+            "logit) or 2 (not relevant / relevant). For an embedding model set model.kind: bi-encoder"
+        )
+    return tokenizer, num_labels
+
+
+def describe_model(config: ModelConfig) -> dict:
+    """Name, kind and revision (or content hash) of a model, validated but not loaded."""
+    _, num_labels = load_tokenizer_and_labels(config)
+    return {
+        "name_or_path": config.name_or_path,
+        "kind": config.kind,
+        "revision": model_fingerprint(config.name_or_path, config.revision),
+        "num_labels": num_labels,
+        "dtype": config.dtype,
+        "max_length": config.max_length,
+    }
 
 
 class Scorer:
@@ -68,7 +115,7 @@ class Scorer:
     """
 
     def __init__(self, config: ModelConfig):
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification
 
         self.config = config
         self.device = resolve_device(config.device)
@@ -78,21 +125,8 @@ class Scorer:
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
-            hf_config = AutoConfig.from_pretrained(config.name_or_path, **kwargs)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot load model {config.name_or_path!r}: {str(err).splitlines()[0]} "
-                "(check model.name_or_path, network access to the hub, or HF_HUB_OFFLINE and the local cache)"
-            ) from None
+        self.tokenizer, num_labels = load_tokenizer_and_labels(config)
         if config.kind == "cross-encoder":
-            num_labels = getattr(hf_config, "num_labels", 1)
-            if num_labels not in (1, 2):
-                raise ConfigError(
-                    f"model {config.name_or_path!r} has num_labels={num_labels}; a cross-encoder needs 1 (a relevance "
-                    "logit) or 2 (not relevant / relevant). For an embedding model set model.kind: bi-encoder"
-                )
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 config.name_or_path, dtype=dtype, **kwargs
             )

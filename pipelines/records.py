@@ -1,0 +1,240 @@
+"""Row-level logic on Arrow tables, free of Ray: input layouts, validation into rejects, and the per-query top-N.
+
+Every input pair ends either in the output or in the rejects with a reason; these functions are where that
+accounting is decided, so they are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.errors import InputError
+
+FLAT = "flat"
+PACKED = "packed"
+
+# Reasons a pair is rejected (the `reason` column of _rejects/).
+MISSING_QUERY_ID = "missing_query_id"
+MISSING_DOC_ID = "missing_doc_id"
+EMPTY_QUERY = "empty_query"
+EMPTY_TEXT = "empty_text"
+NO_CANDIDATES = "no_candidates"
+NOT_IN_CORPUS = "doc_not_in_corpus"
+NAN_SCORE = "score_not_finite"
+
+OPTIONAL_COLUMNS = ("first_stage_rank", "first_stage_score")
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """What the input schema says: the layout, the id types, and which optional columns travel to the output."""
+
+    layout: str
+    query_id_type: pa.DataType
+    doc_id_type: pa.DataType
+    has_text: bool
+    has_first_stage_rank: bool
+    has_first_stage_score: bool
+
+    @property
+    def reject_schema(self) -> pa.Schema:
+        return pa.schema([("query_id", self.query_id_type), ("doc_id", self.doc_id_type), ("reason", pa.string())])
+
+
+def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
+    """Flat (a row per pair) or packed (a row per query with a candidates list); raises InputError naming the problem."""
+    names = set(schema.names)
+    for col in ("query_id", "query"):
+        if col not in names:
+            raise InputError(f"{where}: missing column {col!r} (found {sorted(names)}); see the README's input formats")
+    if not _is_id_type(schema.field("query_id").type):
+        raise InputError(f"{where}: query_id must be an integer or string, not {schema.field('query_id').type}")
+    if not _is_text_type(schema.field("query").type):
+        raise InputError(f"{where}: query must be a string column, not {schema.field('query').type}")
+
+    if "candidates" in names:
+        t = schema.field("candidates").type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+            raise InputError(f"{where}: candidates must be list<struct<doc_id, text, ...>>, not {t}")
+        fields = {f.name: f.type for f in t.value_type}
+        source = "candidates"
+        layout = PACKED
+    else:
+        fields = {n: schema.field(n).type for n in names}
+        source = "the table"
+        layout = FLAT
+    if "doc_id" not in fields:
+        raise InputError(f"{where}: no doc_id in {source} (found {sorted(fields)}); see the README's input formats")
+    if not _is_id_type(fields["doc_id"]):
+        raise InputError(f"{where}: doc_id must be an integer or string, not {fields['doc_id']}")
+    has_text = "text" in fields
+    if has_text and not _is_text_type(fields["text"]):
+        raise InputError(f"{where}: text must be a string column, not {fields['text']}")
+    if corpus and has_text:
+        raise InputError(f"{where}: candidates carry text and input.corpus_uri is set; remove one of the two")
+    if not corpus and not has_text:
+        raise InputError(f"{where}: no text in {source}; add a text column or set input.corpus_uri to join it from a corpus")
+    if "first_stage_rank" in fields and not pa.types.is_integer(fields["first_stage_rank"]):
+        raise InputError(f"{where}: first_stage_rank must be an integer, not {fields['first_stage_rank']}")
+    if "first_stage_score" in fields and not (
+        pa.types.is_floating(fields["first_stage_score"]) or pa.types.is_integer(fields["first_stage_score"])
+    ):
+        raise InputError(f"{where}: first_stage_score must be numeric, not {fields['first_stage_score']}")
+    return InputLayout(
+        layout=layout,
+        query_id_type=schema.field("query_id").type,
+        doc_id_type=fields["doc_id"],
+        has_text=has_text,
+        has_first_stage_rank="first_stage_rank" in fields,
+        has_first_stage_score="first_stage_score" in fields,
+    )
+
+
+def check_corpus(schema: pa.Schema, where: str, doc_id_type: pa.DataType) -> None:
+    names = set(schema.names)
+    for col in ("doc_id", "text"):
+        if col not in names:
+            raise InputError(f"{where}: corpus is missing column {col!r} (found {sorted(names)})")
+    t = schema.field("doc_id").type
+    if pa.types.is_integer(t) != pa.types.is_integer(doc_id_type) or not _is_id_type(t):
+        raise InputError(f"{where}: corpus doc_id is {t} but the candidates' doc_id is {doc_id_type}; they must match")
+    if not _is_text_type(schema.field("text").type):
+        raise InputError(f"{where}: corpus text must be a string column, not {schema.field('text').type}")
+
+
+# ---------------------------------------------------------------------------- normalising
+
+
+def pair_columns(layout: InputLayout, with_text: bool = True) -> list[str]:
+    cols = ["query_id", "query", "doc_id"]
+    if with_text:
+        cols.append("text")
+    cols += [c for c, on in zip(OPTIONAL_COLUMNS, (layout.has_first_stage_rank, layout.has_first_stage_score)) if on]
+    return cols
+
+
+def explode_packed(table: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """Packed rows to flat pairs; a query row without candidates becomes a reject (doc_id null)."""
+    cands = table.column("candidates").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(cands), 0)
+    empty_mask = pc.equal(lengths, 0)
+    empty = table.filter(empty_mask).select(["query_id"])
+    rejects = pa.table(
+        {
+            "query_id": empty.column("query_id"),
+            "doc_id": pa.nulls(empty.num_rows, layout.doc_id_type),
+            "reason": pa.array([NO_CANDIDATES] * empty.num_rows, pa.string()),
+        }
+    )
+    parents = pc.list_parent_indices(cands)
+    flat = pc.list_flatten(cands)
+    cols = {
+        "query_id": pc.take(table.column("query_id"), parents),
+        "query": pc.take(table.column("query"), parents),
+    }
+    for name in pair_columns(layout, with_text=layout.has_text)[2:]:
+        cols[name] = flat.field(name)
+    return pa.table(cols), rejects
+
+
+def split_rejects(pairs: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """Valid pairs, and the rest with the first reason that applies."""
+    n = pairs.num_rows
+    reason = pa.nulls(n, pa.string())
+
+    def mark(mask: pa.Array, why: str) -> None:
+        nonlocal reason
+        mask = pc.fill_null(mask, True)
+        reason = pc.if_else(pc.and_(mask, pc.is_null(reason)), why, reason)
+
+    def blank(col: str) -> pa.Array:
+        values = pairs.column(col)
+        if pa.types.is_null(values.type):
+            return pa.array([True] * n)
+        return pc.or_(pc.is_null(values), pc.equal(pc.utf8_trim_whitespace(values), ""))
+
+    mark(pc.is_null(pairs.column("query_id")), MISSING_QUERY_ID)
+    mark(pc.is_null(pairs.column("doc_id")), MISSING_DOC_ID)
+    mark(blank("query"), EMPTY_QUERY)
+    if "text" in pairs.column_names:
+        mark(blank("text"), EMPTY_TEXT)
+    return _split(pairs, reason, layout)
+
+
+def _split(pairs: pa.Table, reason: pa.Array, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    bad = pc.is_valid(reason)
+    if not pc.any(bad).as_py():
+        return pairs, layout.reject_schema.empty_table()
+    rejects = pa.table({"query_id": pairs.column("query_id"), "doc_id": pairs.column("doc_id"), "reason": reason})
+    return pairs.filter(pc.invert(bad)), rejects.filter(bad).cast(layout.reject_schema)
+
+
+def split_non_finite(scored: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """A NaN or infinite score (e.g. float16 overflow) cannot be ranked: reject it rather than rank it anywhere."""
+    finite = pc.is_finite(scored.column("score"))
+    reason = pc.if_else(finite, pa.scalar(None, pa.string()), NAN_SCORE)
+    return _split(scored, reason, layout)
+
+
+def split_missing_text(pairs: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """After a corpus join: a null text means the doc_id is not in the corpus; a blank one is empty text."""
+    missing = pc.is_null(pairs.column("text"))
+    valid, not_found = _split(pairs, pc.if_else(missing, NOT_IN_CORPUS, pa.scalar(None, pa.string())), layout)
+    valid, empty = split_rejects(valid, layout)
+    return valid, pa.concat_tables([not_found, empty])
+
+
+# ---------------------------------------------------------------------------- ranking
+
+
+def top_n_per_query(scored: pa.Table, n: int, with_rank: bool = True) -> pa.Table:
+    """Keep the best n rows of every query, ranked 1..n.
+
+    Order: score (float32) descending, then first-stage rank ascending (missing last), then doc_id ascending, so
+    equal scores are broken the same way on every run and every machine.
+    """
+    if scored.num_rows == 0:
+        out = scored
+        if with_rank:
+            out = out.append_column("rank", pa.array([], pa.int32()))
+        return out
+    keys = [("query_id", "ascending"), ("score", "descending")]
+    sortable = scored
+    if "first_stage_rank" in scored.column_names:
+        # Missing first-stage ranks sort after every present one.
+        fsr = scored.column("first_stage_rank")
+        sortable = sortable.append_column("_fsr", pc.fill_null(fsr.cast(pa.int64()), np.iinfo(np.int64).max))
+        keys.append(("_fsr", "ascending"))
+    keys.append(("doc_id", "ascending"))
+    ordered = scored.take(pc.sort_indices(sortable, sort_keys=keys))
+    qid = ordered.column("query_id").combine_chunks()
+    m = ordered.num_rows
+    starts = np.ones(m, dtype=bool)
+    if m > 1:
+        starts[1:] = pc.not_equal(qid[1:], qid[:-1]).to_numpy(zero_copy_only=False)
+    start_pos = np.maximum.accumulate(np.where(starts, np.arange(m), 0))
+    rank = (np.arange(m) - start_pos + 1).astype(np.int32)
+    keep = rank <= n
+    ordered = ordered.filter(pa.array(keep))
+    if with_rank:
+        ordered = ordered.append_column("rank", pa.array(rank[keep], pa.int32()))
+    return ordered
+
+
+def output_columns(layout: InputLayout) -> list[str]:
+    cols = ["query_id", "doc_id", "rank", "score"]
+    if layout.has_first_stage_rank:
+        cols.append("first_stage_rank")
+    return cols

@@ -1,0 +1,191 @@
+"""Storage: the one place that turns a URI (local path or s3://...) into a filesystem.
+
+Everything else calls `Storage.for_uri` and works on paths; local disk, S3 and a test S3 server are one code
+path. Credentials and endpoint come from the standard AWS environment unless the config's `storage` section
+sets them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.config import StorageConfig
+from pipelines.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = set("*?[")
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@dataclass
+class Storage:
+    """An fsspec filesystem (listing, small files) and its pyarrow twin (Ray Data reads and writes)."""
+
+    protocol: str
+    fs: fsspec.AbstractFileSystem
+    arrow_fs: pafs.FileSystem
+
+    @classmethod
+    def for_uri(cls, uri: str, config: StorageConfig | None = None) -> "Storage":
+        config = config or StorageConfig()
+        protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        if protocol in ("s3", "s3a"):
+            fs = fsspec.filesystem("s3", **s3_options(config))
+            return cls("s3", fs, pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+        if protocol == "file":
+            return cls("file", fsspec.filesystem("file"), pafs.LocalFileSystem())
+        try:
+            fs = fsspec.filesystem(protocol)
+        except (ImportError, ValueError) as err:
+            raise InputError(f"unsupported storage scheme {protocol!r} in {uri!r}: {_short(err)}") from None
+        return cls(protocol, fs, pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+
+    def path(self, uri: str) -> str:
+        """The filesystem path of a URI: bucket/key for S3, an absolute path on local disk."""
+        if self.protocol == "file":
+            return os.path.abspath(os.path.expanduser(uri[7:] if uri.startswith("file://") else uri))
+        return uri.split("://", 1)[1].rstrip("/")
+
+    def uri(self, path: str) -> str:
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
+    # ------------------------------------------------------------------ reading
+
+    def list_parquet(self, uris: str | list[str]) -> list[tuple[str, int]]:
+        """Resolve a folder, a glob or a list of files into (path, size) pairs, sorted; hidden names skipped."""
+        found: dict[str, int] = {}
+        for uri in [uris] if isinstance(uris, str) else uris:
+            path = self.path(uri)
+            try:
+                if _GLOB_CHARS & set(path):
+                    matches = self.fs.glob(path, detail=True)
+                    infos = {p: i for p, i in matches.items() if i.get("type") == "file"}
+                elif self.fs.isdir(path):
+                    infos = {
+                        p: i
+                        for p, i in self.fs.find(path, detail=True).items()
+                        if p.endswith(".parquet") and not _is_hidden(p, path)
+                    }
+                elif self.fs.exists(path):
+                    infos = {path: self.fs.info(path)}
+                else:
+                    raise InputError(f"input not found: {uri}")
+            except InputError:
+                raise
+            except (OSError, ValueError, PermissionError) as err:
+                raise InputError(f"cannot list {uri}: {_short(err)}") from None
+            except Exception as err:  # botocore raises its own hierarchy (NoCredentialsError, ClientError ...)
+                raise InputError(f"cannot list {uri}: {_short(err)}") from None
+            if not infos:
+                raise InputError(f"no Parquet files found at {uri}")
+            for p, info in infos.items():
+                found[p.rstrip("/")] = int(info.get("size") or 0)
+        return sorted(found.items())
+
+    def read_schema(self, path: str) -> pa.Schema:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+        except Exception as err:
+            raise InputError(f"cannot read Parquet schema of {self.uri(path)}: {_short(err)}") from None
+
+    # ------------------------------------------------------------------ writing
+
+    def prepare_output(self, uri: str, mode: str, protect: list[str]) -> str:
+        """Make sure the output folder can be written as asked; returns its path."""
+        path = self.path(uri)
+        for other in protect:
+            o = other.rstrip("/")
+            if o == path or o.startswith(path + "/") or path.startswith(o + "/"):
+                raise OutputError(f"output.uri {uri} overlaps the input {self.uri(o)}; choose a separate folder")
+        try:
+            exists = self.fs.exists(path) and (not self.fs.isdir(path) or bool(self.fs.ls(path)))
+        except Exception as err:
+            raise OutputError(f"cannot access output {uri}: {_short(err)}") from None
+        if exists:
+            if mode != "overwrite":
+                raise OutputError(
+                    f"output {uri} already holds files; set output.mode=overwrite to replace them or pick a new output.uri"
+                )
+            log.info("output.mode=overwrite: deleting %s", uri)
+            self.fs.rm(path, recursive=True)
+        if self.protocol == "file":
+            os.makedirs(path, exist_ok=True)
+        return path
+
+    def write_json(self, path: str, data: Any) -> None:
+        with self.fs.open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+
+    def write_text(self, path: str, text: str) -> None:
+        with self.fs.open(path, "w") as f:
+            f.write(text)
+
+    def write_table_once(self, folder: str, table: pa.Table, prefix: str = "part") -> str:
+        """Write a table under a name derived from its content, so a retried task overwrites, not duplicates."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        data = buf.getvalue()
+        name = f"{folder}/{prefix}-{hashlib.sha1(data).hexdigest()[:20]}.parquet"
+        if self.protocol == "file":
+            os.makedirs(folder, exist_ok=True)
+        with self.fs.open(name, "wb") as f:
+            f.write(data)
+        return name
+
+    def parquet_files(self, folder: str) -> list[str]:
+        if not self.fs.exists(folder):
+            return []
+        return sorted(p for p in self.fs.find(folder) if p.endswith(".parquet") and not _is_hidden(p, folder))
+
+    def read_column(self, path: str, column: str) -> pa.ChunkedArray:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=[column]).column(column)
+
+
+def s3_options(config: StorageConfig) -> dict[str, Any]:
+    """s3fs options from the config; anything unset falls back to the AWS environment (AWS_ENDPOINT_URL ...)."""
+    opts: dict[str, Any] = {}
+    client: dict[str, Any] = {}
+    endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if config.region:
+        client["region_name"] = config.region
+    if config.profile:
+        opts["profile"] = config.profile
+    if config.access_key_id:
+        opts["key"] = config.access_key_id
+    if config.secret_access_key:
+        opts["secret"] = config.secret_access_key
+    if config.session_token:
+        opts["token"] = config.session_token
+    if config.anon:
+        opts["anon"] = True
+    if client:
+        opts["client_kwargs"] = client
+    # Listing right after a write must see the new objects; also avoids stale results between job stages.
+    opts["use_listings_cache"] = False
+    return opts
+
