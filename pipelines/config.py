@@ -336,3 +336,165 @@ class ServeAppConfig(_Strict):
     model: ModelConfig
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------- evaluation (`rerank eval`)
+
+
+class EvalDataConfig(_Strict):
+    """Where the test collection comes from. Only queries with at least one relevant judgment are evaluated."""
+
+    format: Literal["cranfield", "beir", "smart", "files"] = Field(
+        "cranfield",
+        description="cranfield: the Cranfield 1400 collection shipped with the package (no paths needed). "
+        "beir: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) in data.path. "
+        "smart: SMART files (.I records) named by data.corpus/queries/qrels. "
+        "files: corpus and queries as JSONL/Parquet (queries also id<TAB>text TSV), qrels as TREC or BEIR TSV.",
+    )
+    path: str | None = Field(None, description="The BEIR folder (format beir); another Cranfield copy (format cranfield).")
+    corpus: str | None = Field(None, description="Corpus file: JSONL/Parquet {_id|doc_id, text, title?} or a SMART file.")
+    queries: str | None = Field(None, description="Queries file: JSONL/Parquet {_id|query_id, text|query}, TSV or SMART.")
+    qrels: str | None = Field(None, description="Judgments: TREC qrels (qid iter docid rel), BEIR TSV or SMART.")
+    split: str = Field("test", description="BEIR qrels split: reads qrels/<split>.tsv.")
+    title: Literal["prepend", "ignore"] = Field(
+        "prepend", description="prepend: a document's title is joined before its text (the chunk the LLM reads)."
+    )
+    relevance_map: dict[int, int] | None = Field(
+        None,
+        description="Raw judgment label -> gain, e.g. {1: 4, 2: 3, 3: 2, 4: 1, -1: 0} (Cranfield's; applied by "
+        "format cranfield). Default: the label itself, negatives as 0 (judged not relevant).",
+    )
+    smart_query_ids: Literal["position", "number"] = Field(
+        "position",
+        description="SMART query ids: position (1-based place in the file; Cranfield's judgments use it) or the .I number.",
+    )
+    max_queries: int | None = Field(
+        None, ge=1, description="Evaluate only the first N judged queries (natural id order): a quick slice."
+    )
+
+    @model_validator(mode="after")
+    def _paths(self) -> "EvalDataConfig":
+        if self.format == "beir" and not self.path:
+            raise ValueError("data.format beir needs data.path (the folder holding corpus.jsonl)")
+        if self.format in ("smart", "files"):
+            missing = [k for k in ("corpus", "queries", "qrels") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"data.format {self.format} needs " + ", ".join(f"data.{k}" for k in missing))
+        return self
+
+
+class BM25Config(_Strict):
+    """BM25 through bm25s (lowercase, words of 2+ characters, no stemming)."""
+
+    k1: float = Field(1.5, gt=0, description="Term-frequency saturation.")
+    b: float = Field(0.75, ge=0, le=1, description="Length normalisation.")
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = Field(
+        "lucene", description="bm25s scoring variant; lucene is what Elasticsearch/OpenSearch use."
+    )
+    stopwords: Literal["english", "none"] = Field("english", description="Stop-word list removed from docs and queries.")
+
+
+class FirstStageConfig(_Strict):
+    """The candidates the reranker sees: built in (bm25, dense) or given as a TREC run file."""
+
+    kind: Literal["bm25", "dense", "run"] = Field(
+        "bm25", description="bm25: bm25s over the corpus. dense: a bi-encoder's cosine top-k. run: a TREC run file."
+    )
+    depth: int | None = Field(
+        None,
+        ge=1,
+        description="Candidates kept per query (K_max). Default: the largest of k_values and n_grid. A deeper first "
+        "stage costs nothing in scoring (only the top K are reranked) but more memory.",
+    )
+    run: str | None = Field(None, description="TREC run file (kind run); ordered by score, ties by doc id descending, like trec_eval.")
+    bm25: BM25Config = Field(default_factory=BM25Config)
+    model: ModelConfig | None = Field(
+        None, description="Embedding model for kind dense (model.kind must be bi-encoder); embeds on the driver."
+    )
+
+    @model_validator(mode="after")
+    def _kind(self) -> "FirstStageConfig":
+        if self.kind == "run" and not self.run:
+            raise ValueError("first_stage.kind run needs first_stage.run (a TREC run file)")
+        if self.kind == "dense":
+            if self.model is None:
+                raise ValueError("first_stage.kind dense needs first_stage.model (a bi-encoder)")
+            if self.model.kind != "bi-encoder":
+                raise ValueError("first_stage.model.kind must be bi-encoder for a dense first stage")
+        return self
+
+
+class EvalCostConfig(_Strict):
+    """How LLM context is counted and priced."""
+
+    tokenizer: str | None = Field(
+        None,
+        description="Hugging Face tokenizer (hub id or folder) that counts the tokens of the chunks sent to the LLM. "
+        "Default: the reranker's (model.name_or_path). Use your LLM's tokenizer for exact counts.",
+    )
+    price_per_million_tokens: float = Field(
+        1.0, ge=0, description="LLM input price per million context tokens, in cost.currency."
+    )
+    currency: str = Field("USD", description="Label printed beside money figures.")
+
+
+class EvalReportConfig(_Strict):
+    dir: str = Field("rerank-output/eval", description="Local folder for report.json, report.md, the plot and runs/.")
+    mode: Literal["error", "overwrite"] = Field(
+        "error", description="error: stop if the folder is not empty. overwrite: delete it first."
+    )
+
+
+class EvalConfig(_Strict):
+    """`rerank eval`: what reranking buys, as N_Base, K and N_Reranked on a test collection."""
+
+    data: EvalDataConfig = Field(default_factory=EvalDataConfig)
+    first_stage: FirstStageConfig = Field(default_factory=FirstStageConfig)
+    model: ModelConfig = Field(..., description="The reranker; scored through the batch job.")
+    k_values: list[int] = Field(
+        [10, 20, 50, 100], min_length=1, description="K: first-stage candidates reranked, one run per value."
+    )
+    n_grid: list[int] = Field(
+        [1, 3, 5, 10, 20, 50, 100], min_length=1, description="N: chunks sent to the LLM, reported for every run."
+    )
+    n_base: list[int] = Field(
+        [10], min_length=1, description="N_Base: chunks the LLM gets from the first stage alone; one answer per value."
+    )
+    quality_measure: Literal["R", "Success", "nDCG", "P"] = Field(
+        "R",
+        description="What 'quality at N' means in the N_Base / N_Reranked answer: R (recall@N: share of the relevant "
+        "chunks the LLM gets), Success (hit@N: at least one relevant), nDCG or P (precision) at cutoff N.",
+    )
+    tolerance: float = Field(
+        0.0, ge=0, description="N_Reranked is the smallest N with quality >= first stage's quality at N_Base - tolerance."
+    )
+    cost: EvalCostConfig = Field(default_factory=EvalCostConfig)
+    report: EvalReportConfig = Field(default_factory=EvalReportConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("k_values", "n_grid", "n_base", mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("k_values", "n_grid", "n_base")
+    @classmethod
+    def _positive_sorted(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError("values must be >= 1")
+        return sorted(set(v))
+
+    @property
+    def depth(self) -> int:
+        """K_max: candidates per query from the first stage."""
+        return self.first_stage.depth or max(self.k_values + self.n_grid + self.n_base)
+
+    @model_validator(mode="after")
+    def _depth(self) -> "EvalConfig":
+        need = max(self.k_values + self.n_grid + self.n_base)
+        if self.first_stage.depth is not None and self.first_stage.depth < need:
+            raise ValueError(
+                f"first_stage.depth {self.first_stage.depth} is below the largest K / N asked for ({need})"
+            )
+        return self

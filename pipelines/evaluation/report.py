@@ -1,0 +1,305 @@
+"""The report folder: report.json (every figure), report.md (the tables, also printed), a plot of quality
+against LLM context tokens, runs/<name>.run (the TREC run of every ranking evaluated) and qrels.txt (the
+judgments as graded and evaluated), so every figure can be recomputed from the files alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import EvalConfig
+from pipelines.evaluation.costs import token_summary
+from pipelines.evaluation.loaders import Collection, Qrels
+from pipelines.evaluation.metrics import Ranking, rank_scores
+
+log = logging.getLogger(__name__)
+
+FIRST_STAGE = "first_stage"
+PLOT = "quality_vs_tokens.png"
+
+
+def build_report(
+    *,
+    config: EvalConfig,
+    coll: Collection,
+    qids: list[str],
+    fs_info: dict[str, Any],
+    summary: Any,
+    measures: dict[str, dict[str, float]],
+    tokens: dict[str, np.ndarray],
+    pairs: dict[int, int],
+    rows: list[dict[str, Any]],
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    price = config.cost.price_per_million_tokens
+    token_ns = sorted(set(config.n_grid + config.n_base + [r["n_reranked"] for r in rows if r["n_reranked"]]))
+    runs: dict[str, Any] = {}
+    for name, m in measures.items():
+        k = None if name == FIRST_STAGE else int(name.rsplit("k", 1)[1])
+        runs[name] = {
+            "k": k,
+            "file": f"runs/{name}.run",
+            "measures": m,
+            "llm_context": {str(n): token_summary(tokens[name], n, price) for n in token_ns},
+            "reranker_pairs_scored": 0 if k is None else pairs[k],
+            "reranker_seconds_estimated": (
+                None if k is None else (pairs[k] / summary.pairs_per_s if summary.pairs_per_s else None)
+            ),
+        }
+    return {
+        "collection": {
+            "name": coll.name,
+            "documents": len(coll.corpus),
+            "queries_evaluated": len(qids),
+            "relevant_judgments": sum(1 for q in qids for g in coll.qrels.get(q, {}).values() if g > 0),
+        },
+        "settings": {
+            "first_stage": fs_info,
+            "reranker": config.model.name_or_path,
+            "k_values": config.k_values,
+            "n_grid": config.n_grid,
+            "n_base": config.n_base,
+            "quality_measure": config.quality_measure,
+            "tolerance": config.tolerance,
+            "tokenizer": config.cost.tokenizer or config.model.name_or_path,
+            "price_per_million_tokens": price,
+            "currency": config.cost.currency,
+            "measures_library": "ir_measures (pytrec_eval); mean over evaluated queries, a query with no result = 0",
+        },
+        "reranker": {
+            "model": summary.model,
+            "pairs_scored": summary.pairs_scored,
+            "rejected": summary.rejected,
+            "wall_time_s": summary.wall_time_s,
+            "pairs_per_s": summary.pairs_per_s,
+            "job_output": "rerank_job",
+        },
+        "runs": runs,
+        "tradeoff": rows,
+        "timing_s": timing,
+        "files": {
+            "report": "report.md",
+            "plot": PLOT,
+            "qrels": "qrels.txt",
+            "runs": {n: r["file"] for n, r in runs.items()},
+        },
+        "config": config.model_dump(mode="json"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def write_run(path: Path, ranking: Ranking, qids: list[str], tag: str) -> None:
+    """TREC run with rank i and score n-i+1: strictly decreasing, so any tool reads this exact order."""
+    with path.open("w") as f:
+        for q in qids:
+            for rank, (d, s) in enumerate(rank_scores(ranking.get(q, [])).items(), 1):
+                f.write(f"{q} Q0 {d} {rank} {int(s)} {tag}\n")
+
+
+def write_qrels(path: Path, qrels: Qrels, qids: list[str]) -> None:
+    with path.open("w") as f:
+        for q in qids:
+            for d, g in sorted(qrels.get(q, {}).items()):
+                f.write(f"{q} 0 {d} {g}\n")
+
+
+def write_report(
+    report_dir: Path,
+    report: dict[str, Any],
+    rankings: dict[str, Ranking],
+    qrels: Qrels,
+    qids: list[str],
+    tokens: dict[str, np.ndarray],
+    config: EvalConfig,
+) -> str:
+    runs_dir = report_dir / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    for name, ranking in rankings.items():
+        write_run(runs_dir / f"{name}.run", ranking, qids, name)
+    write_qrels(report_dir / "qrels.txt", qrels, qids)
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report)
+    (report_dir / "report.md").write_text(markdown)
+    plot(report_dir / PLOT, report, tokens, config)
+    return markdown
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _money(x: float, currency: str) -> str:
+    return f"{x:,.4f} {currency}" if x < 1 else f"{x:,.2f} {currency}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    c = report["collection"]
+    r = report["reranker"]
+    grid, qm, cur = s["n_grid"], s["quality_measure"], s["currency"]
+    runs = report["runs"]
+    fs = s["first_stage"]
+    out = [
+        f"# What reranking buys: {c['name']}",
+        "",
+        (
+            f"{c['queries_evaluated']} queries, {c['documents']:,} documents; first stage {fs['kind']} top "
+            f"{fs['depth']}; reranker {s['reranker']} ({r['pairs_scored']:,} pairs in {r['wall_time_s']:.1f} s, "
+            f"{r['pairs_per_s']:.1f} pairs/s end to end). LLM context counted with {s['tokenizer']} at "
+            f"{s['price_per_million_tokens']} {cur} per million tokens."
+        ),
+        "",
+        "## Quality per run",
+        "",
+        _table(
+            ["run", "nDCG@10", "MRR@10 (RR@10)", *[f"R@{n}" for n in grid]],
+            [
+                [
+                    n,
+                    _f(v["measures"]["nDCG@10"]),
+                    _f(v["measures"]["RR@10"]),
+                    *[_f(v["measures"][f"R@{m}"]) for m in grid],
+                ]
+                for n, v in runs.items()
+            ],
+        ),
+        "",
+        "## hit@N (Success@N): at least one relevant chunk among the N sent",
+        "",
+        _table(
+            ["run", *[f"Success@{n}" for n in grid]],
+            [[n, *[_f(v["measures"][f"Success@{m}"]) for m in grid]] for n, v in runs.items()],
+        ),
+        "",
+        "## LLM context tokens per query when the top N are sent",
+        "",
+        _table(
+            ["run", *[f"N={n}" for n in grid]],
+            [
+                [n, *[f"{v['llm_context'][str(m)]['mean_tokens_per_query']:,.0f}" for m in grid]]
+                for n, v in runs.items()
+            ],
+        ),
+        "",
+        f"## The trade-off (quality = {qm}@N)",
+        "",
+    ]
+    rows = []
+    for t in report["tradeoff"]:
+        nr = t["n_reranked"]
+        base, same = t["llm_first_stage_at_n_base"], t["llm_reranked_at_n_reranked"]
+        rows.append(
+            [
+                str(t["n_base"]),
+                str(t["k"]),
+                _f(t["first_stage_quality_at_n_base"]),
+                _f(t["reranked_quality_at_n_base"]),
+                f"{t['gain_at_n_base']:+.3f}",
+                str(nr) if nr else f"> {s['first_stage']['depth']}",
+                str(t["first_stage_n_min"]),
+                f"{base['mean_tokens_per_query']:,.0f}",
+                f"{same['mean_tokens_per_query']:,.0f}" if same else "-",
+                f"{100 * t['llm_tokens_saved_fraction']:.0f}%" if nr else "-",
+                _money(base["cost_per_1000_queries"], cur),
+                _money(same["cost_per_1000_queries"], cur) if same else "-",
+                f"{t['reranker_pairs_scored']:,}",
+                _f(t["reranker_seconds_estimated"], 1),
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "N_Base",
+                "K",
+                f"first stage {qm}@N_Base",
+                f"reranked {qm}@N_Base",
+                "gain",
+                "N_Reranked",
+                "first stage alone at N",
+                "tokens/query at N_Base",
+                "tokens/query at N_Reranked",
+                "tokens saved",
+                "LLM cost/1k queries at N_Base",
+                "at N_Reranked",
+                "reranker pairs",
+                "reranker s (est.)",
+            ],
+            rows,
+        )
+    )
+    out += [
+        "",
+        "N_Reranked: the smallest N at which the reranked run's quality reaches the first stage's at N_Base"
+        + (f" (within {s['tolerance']})" if s["tolerance"] else "")
+        + ". First stage alone at N: the smallest N "
+        "at which the first stage itself already has that quality (savings down to it owe nothing to reranking). "
+        "Reranker seconds: its pairs at the measured end-to-end throughput. Runs: runs/<run>.run; judgments: "
+        "qrels.txt.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot(path: Path, report: dict[str, Any], tokens: dict[str, np.ndarray], config: EvalConfig) -> None:
+    """Quality at N against mean LLM context tokens per query, for the first stage and every K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    qm, depth, grid = config.quality_measure, config.depth, config.n_grid
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for name, run in report["runs"].items():
+        tok = tokens[name].mean(axis=0) if tokens[name].shape[0] else np.zeros(depth)
+        m = run["measures"]
+        style = {"color": "black", "linewidth": 2.2} if name == FIRST_STAGE else {"linewidth": 1.4}
+        label = "first stage" if name == FIRST_STAGE else f"reranked, K={run['k']}"
+        curve = [m[f"{qm}@{n}"] for n in range(1, depth + 1)]
+        (line,) = axes[0].plot(tok, curve, label=label, **style)
+        axes[0].scatter([tok[n - 1] for n in grid], [m[f"{qm}@{n}"] for n in grid], s=14, color=line.get_color())
+        axes[1].plot(
+            [tok[n - 1] for n in grid],
+            [m[f"Success@{n}"] for n in grid],
+            marker="o",
+            markersize=3,
+            label=label,
+            color=line.get_color(),
+            linewidth=style["linewidth"],
+        )
+    first_tok = tokens[FIRST_STAGE].mean(axis=0) if tokens[FIRST_STAGE].shape[0] else np.zeros(depth)
+    for n in grid:
+        axes[0].annotate(
+            f"N={n}",
+            (first_tok[n - 1], report["runs"][FIRST_STAGE]["measures"][f"{qm}@{n}"]),
+            fontsize=7,
+            xytext=(3, -9),
+            textcoords="offset points",
+        )
+    for ax, ylabel in zip(axes, (f"{qm}@N", "hit@N (Success@N)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("LLM context tokens per query (top N chunks)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['collection']['name']}: quality against LLM context, first stage vs reranked")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
