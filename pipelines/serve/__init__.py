@@ -1,0 +1,198 @@
+"""The online reranking service on Ray Serve: `rerank serve conf/serve.yaml`.
+
+One application answers the Cohere/Jina (``/v1/rerank``, ``/v2/rerank``), Hugging Face TEI (``/rerank``) and
+NVIDIA NIM (``/v1/ranking``) rerank APIs with the batch job's ``Scorer`` (``pipelines.serve.app``); the wire
+formats and score conventions live in ``pipelines.serve.api``.
+
+- Locally: ``rerank serve conf/serve.yaml [--set serve.port=8080]`` starts Ray, binds ``serve.host:serve.port``
+  and runs until Ctrl-C (or SIGTERM), then shuts Serve (and the Ray it started) down.
+- On a cluster: ``serve deploy conf/serve_deploy.yaml`` / ``serve run conf/serve_deploy.yaml``; the Serve
+  config file names the builder ``pipelines.serve:build_app`` and passes the config tree as ``args``.
+
+Ray Serve is imported lazily so that ``rerank --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.config import ServeAppConfig, apply_overrides, read_yaml, validate_config
+from pipelines.errors import ConfigError, RerankError
+
+log = logging.getLogger("rerank.serve")
+
+__all__ = ["build_app", "check_exposure", "load_serve_config", "register_cli", "start_service", "stop_service"]
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_serve_config(args: dict[str, Any] | None) -> ServeAppConfig:
+    """Builder args -> config: an optional ``config`` YAML path, the tree itself (model, serve, ray) merged over
+    it, and optional ``overrides`` (a list of ``key.path=value`` strings, as for ``--set``)."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = args.pop("overrides", None) or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(_deep_merge(data, args), list(overrides))
+    return validate_config(ServeAppConfig, data, source=str(path) if path else "serve application args")
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """Ray Serve application builder: ``import_path: pipelines.serve:build_app`` with ``args: {model: ...,
+    serve: ...}`` (or ``args: {config: conf/serve.yaml}``) in a Serve config file, or
+    ``serve run pipelines.serve:build_app config=conf/serve.yaml``."""
+    from pipelines.serve.app import build_app_from_config, resolve_api_key
+
+    if isinstance(args, ServeAppConfig):  # from `rerank serve`, which checked serve.host already
+        return build_app_from_config(args)
+    config = load_serve_config(args)
+    # From a Serve config file: the proxy's host is http_options', unknown here.
+    if not resolve_api_key(config) and not config.serve.allow_unauthenticated:
+        log.warning(
+            "no API key (%s unset): anyone who can reach Serve's HTTP proxy can use the service",
+            config.serve.api_key_env,
+        )
+    return build_app_from_config(config)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServeAppConfig) -> None:
+    """Refuse to listen beyond loopback without an API key, unless told the network is trusted."""
+    from pipelines.serve.app import resolve_api_key
+
+    s = config.serve
+    if not _is_loopback(s.host) and not resolve_api_key(config) and not s.allow_unauthenticated:
+        raise ConfigError(
+            f"serve.host={s.host} would expose the service without an API key: set {s.api_key_env} in the "
+            "environment (or serve.api_key), or serve.allow_unauthenticated: true if a gateway authenticates"
+        )
+
+
+def start_service(config: ServeAppConfig):
+    """Start Serve's HTTP proxy on serve.host:serve.port and deploy the app; returns once replicas are ready.
+    Ray must already be connected (entry points do that)."""
+    from ray import serve
+
+    s = config.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    try:
+        return serve.run(build_app(config), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    except RuntimeError as err:
+        if "Deploying application" not in str(err):
+            raise
+        raise RerankError(f"the service failed to start: {_deployment_failure(s.app_name)}") from None
+
+
+def _deployment_failure(app_name: str) -> str:
+    """The replica's own error (e.g. a ConfigError from loading the model) out of Serve's status."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications[app_name]
+    except Exception:  # noqa: BLE001 - the status is only for the message
+        return "see the Ray Serve logs"
+    messages = [d.message for d in app.deployments.values() if d.message] or [app.message]
+    lines = [ln.strip() for m in messages for ln in m.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error: " in ln and not ln.startswith("RuntimeError: Traceback")]
+    return errors[-1] if errors else (lines[-1] if lines else "see the Ray Serve logs")
+
+
+def stop_service(config: ServeAppConfig, *, whole_serve: bool) -> None:
+    """Delete the app; with whole_serve also stop Serve's controller and proxies (a Ray this process started)."""
+    from ray import serve
+
+    if whole_serve:
+        serve.shutdown()
+    else:
+        serve.delete(config.serve.app_name)
+
+
+def _metrics_url() -> str | None:
+    """Where this node's Ray metrics agent exports Prometheus text (private Ray API, so best effort)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        return f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    except Exception:  # noqa: BLE001 - only for a hint
+        return None
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.cli import connect_ray
+    from pipelines.config import load_config
+
+    config = load_config(ServeAppConfig, args.config, args.overrides)
+    check_exposure(config)
+    # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
+    owns_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    # Explicit handlers: a process started in the background inherits an ignored SIGINT.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = False
+    try:
+        connect_ray(config.ray)
+        start_service(config)
+        started = True
+        s = config.serve
+        auth = "API key required" if config.serve.api_key or os.environ.get(s.api_key_env) else "no API key"
+        prefix = s.route_prefix.rstrip("/")
+        log.info("rerank service ready at http://%s:%d%s (%s); Ctrl-C stops it", s.host, s.port, prefix, auth)
+        print(f"rerank: serving on http://{s.host}:{s.port}{prefix} ({auth}); Ctrl-C stops it", flush=True)
+        metrics = _metrics_url()
+        if metrics:
+            print(f"rerank: Prometheus metrics (ray_rerank_*, ray_serve_*) at {metrics}", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ray.is_initialized():
+            try:
+                if started or owns_ray:
+                    stop_service(config, whole_serve=owns_ray)
+            finally:
+                if owns_ray:
+                    ray.shutdown()
+    print("rerank: service stopped", flush=True)
+    return 0
+
+
+def register_cli(
+    commands: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]],
+    add_config_args: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    commands["serve"] = (
+        "start the online reranking service (Cohere, TEI and NIM rerank APIs) on Ray Serve",
+        add_config_args,
+        _run,
+    )

@@ -1,0 +1,421 @@
+"""The Ray Serve application: one deployment, a FastAPI ingress speaking every API, dynamic batching.
+
+Each replica loads one ``Scorer`` (the batch job's scoring code, with ``activation: none`` so the raw score is
+the batch job's number) before Serve routes anything to it. A request is validated, split into chunks, and the
+chunks of all waiting requests are scored together by ``@serve.batch`` up to ``serve.max_batch_pairs`` pairs
+per model call, so many small requests share a call and one large request spreads over several.
+
+Overload is refused, never queued without bound: the proxy answers 503 + Retry-After past
+``serve.max_queued_requests`` waiting requests, and a replica answers the same past ``serve.max_queued_pairs``
+admitted but unscored pairs.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the route signatures' real types on the class
+# Serve serialises, or it takes the request models for query parameters.
+import asyncio
+import copy
+import hmac
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from pipelines.config import ServeAppConfig
+from pipelines.serve.api import (
+    ApiError,
+    CohereRerankRequest,
+    NIMRankingRequest,
+    TEIRerankRequest,
+    check_texts,
+    cohere_response,
+    nim_response,
+    tei_response,
+    validation_error,
+)
+
+log = logging.getLogger("ray.serve")
+
+# Endpoint -> the `api` tag of the metrics.
+_APIS = {
+    "/v1/rerank": "cohere_v1",
+    "/v2/rerank": "cohere_v2",
+    "/rerank": "tei",
+    "/v1/ranking": "nim",
+    "/health": "health",
+    "/v1/models": "models",
+}
+_LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+app = FastAPI(
+    title="rerank",
+    description="Reranking with Cohere/Jina (/v1/rerank, /v2/rerank), Hugging Face TEI (/rerank) and "
+    "NVIDIA NIM (/v1/ranking) request shapes.",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = validation_error(list(exc.errors()))
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@app.middleware("http")
+async def _auth_and_metrics(request: Request, call_next):
+    start = time.perf_counter()
+    state = request.app.state
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    api = _APIS.get(path.rstrip("/") or "/", "other")
+    key = getattr(state, "api_key", None)
+    if key and api != "health" and not _authorized(request.headers.get("authorization"), key):
+        response = JSONResponse(
+            ApiError(
+                401, "missing or wrong API key (send Authorization: Bearer <key>)", error_type="unauthorized"
+            ).body(),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    else:
+        response = await call_next(request)
+    metrics = getattr(state, "metrics", None)
+    if metrics is not None:
+        metrics.requests.inc(tags={"api": api, "status": str(response.status_code)})
+        metrics.latency.observe((time.perf_counter() - start) * 1000.0, tags={"api": api})
+    return response
+
+
+def _authorized(header: str | None, key: str) -> bool:
+    if not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+@dataclass
+class _Metrics:
+    """Exported through Ray's metrics agent to Prometheus (names get a ``ray_`` prefix there)."""
+
+    requests: Any
+    latency: Any
+    batch_pairs: Any
+    batch_requests: Any
+    pairs: Any
+
+    @classmethod
+    def create(cls) -> "_Metrics":
+        from ray.serve import metrics
+
+        return cls(
+            requests=metrics.Counter(
+                "rerank_requests",
+                description="HTTP requests answered by a replica, by api and status code.",
+                tag_keys=("api", "status"),
+            ),
+            latency=metrics.Histogram(
+                "rerank_request_latency_ms",
+                description="Time from a replica receiving a request to its response.",
+                boundaries=_LATENCY_BOUNDARIES_MS,
+                tag_keys=("api",),
+            ),
+            batch_pairs=metrics.Histogram(
+                "rerank_batch_pairs",
+                description="(query, document) pairs per model call.",
+                boundaries=_BATCH_BOUNDARIES,
+            ),
+            batch_requests=metrics.Histogram(
+                "rerank_batch_requests",
+                description="Distinct requests sharing one model call.",
+                boundaries=_BATCH_BOUNDARIES,
+            ),
+            pairs=metrics.Counter("rerank_pairs_scored", description="(query, document) pairs scored."),
+        )
+
+
+@dataclass
+class _Chunk:
+    """Up to one micro-batch of one request's documents: the unit @serve.batch gathers."""
+
+    request_id: int
+    query: str
+    texts: list[str]
+
+
+def _pairs_in(chunks: list[_Chunk]) -> int:
+    return sum(len(c.texts) for c in chunks)
+
+
+def _retry_after(seconds: int) -> dict[str, str]:
+    return {"Retry-After": str(seconds)}
+
+
+# Defined before the deployment: Serve serialises the class when it is decorated, with the globals it sees.
+def model_display_name(config: ServeAppConfig) -> str:
+    if config.serve.model_name:
+        return config.serve.model_name
+    return config.model.name_or_path.rstrip("/").rsplit("/", 1)[-1] or config.model.name_or_path
+
+
+def resolve_api_key(config: ServeAppConfig) -> str | None:
+    return config.serve.api_key or os.environ.get(config.serve.api_key_env) or None
+
+
+@serve.deployment(name="Reranker")
+@serve.ingress(app)
+class RerankService:
+    """One replica: the model, its batch queue and the HTTP routes."""
+
+    def __init__(self, config: dict[str, Any], api_key: str | None = None):
+        import torch
+
+        from pipelines.scoring import Scorer, default_threads
+
+        self.config = ServeAppConfig.model_validate(config)
+        s = self.config.serve
+        model_config = self.config.model.model_copy(update={"activation": "none"})
+        if model_config.num_threads is None:
+            # Ray gives replicas with num_cpus <= 1 OMP_NUM_THREADS=1; use what the replica reserved.
+            model_config = model_config.model_copy(update={"num_threads": default_threads(s.num_cpus_per_replica)})
+        torch.set_num_threads(model_config.num_threads)
+        self.scorer = Scorer(model_config)
+        self.kind = model_config.kind
+        self.model_name = model_display_name(self.config)
+        # One thread runs the model; length checks get their own tokenizer copy (a fast tokenizer is not safe to
+        # share between threads) and thread, so they never wait behind a model call.
+        self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
+        self._check_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-check")
+        self._check_tokenizer = copy.deepcopy(self.scorer.tokenizer)
+        self._chunk_pairs = max(1, min(s.max_batch_pairs, model_config.batch_size))
+        self._pending_pairs = 0
+        self._next_request_id = 0
+        self._stats = {"requests": 0, "batches": 0, "pairs": 0, "max_batch_pairs": 0, "max_batch_requests": 0}
+        self._score_chunks.set_max_batch_size(s.max_batch_pairs)
+        self._score_chunks.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        app.state.api_key = api_key or os.environ.get(s.api_key_env) or None
+        app.state.metrics = _Metrics.create()
+        log.info(
+            "rerank replica ready: model %s (%s, %s), batches of up to %d pairs",
+            self.model_name,
+            self.kind,
+            self.scorer.info.device,
+            s.max_batch_pairs,
+        )
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        """200 once the model is loaded: Serve routes nothing to a replica before its constructor finished."""
+        return {"status": "ok", "model": self.model_name}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        info = self.scorer.info
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "rerank",
+                    "kind": info.kind,
+                    "revision": info.revision,
+                    "max_length": self.scorer.max_length,
+                    "max_documents": self.config.serve.max_documents,
+                }
+            ],
+        }
+
+    @app.post("/v1/rerank")
+    async def cohere_v1(self, body: CohereRerankRequest) -> dict[str, Any]:
+        return await self._cohere(body, api_version="1")
+
+    @app.post("/v2/rerank")
+    async def cohere_v2(self, body: CohereRerankRequest) -> dict[str, Any]:
+        return await self._cohere(body, api_version="2")
+
+    @app.post("/rerank")
+    async def tei(self, body: TEIRerankRequest) -> list[dict[str, Any]]:
+        self._check(body.query, body.texts, query_field="query", texts_field="texts")
+        if not body.truncate:
+            await self._check_lengths(body.query, body.texts, "query", "texts", "", "send truncate: true to cut it")
+        raw = await self._score(body.query, body.texts)
+        return tei_response(raw, body.texts, kind=self.kind, raw_scores=body.raw_scores, return_text=body.return_text)
+
+    @app.post("/v1/ranking")
+    async def nim(self, body: NIMRankingRequest) -> dict[str, Any]:
+        texts = [p.text for p in body.passages]
+        self._check(body.query.text, texts, query_field="query.text", texts_field="passages", item_suffix=".text")
+        if body.truncate == "NONE":
+            await self._check_lengths(
+                body.query.text, texts, "query.text", "passages", ".text", 'send truncate: "END" to cut it'
+            )
+        raw = await self._score(body.query.text, texts)
+        return nim_response(raw)
+
+    # ------------------------------------------------------------------ handle-only
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this replica (through a DeploymentHandle): requests, batches, pairs, largest batch."""
+        return dict(self._stats, pending_pairs=self._pending_pairs)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _cohere(self, body: CohereRerankRequest, api_version: str) -> dict[str, Any]:
+        self._check(body.query, body.documents, query_field="query", texts_field="documents")
+        raw = await self._score(body.query, body.documents)
+        return cohere_response(
+            raw,
+            body.documents,
+            kind=self.kind,
+            top_n=body.top_n,
+            return_documents=body.return_documents,
+            api_version=api_version,
+        )
+
+    def _check(self, query: str, texts: list[str], **fields: str) -> None:
+        s = self.config.serve
+        check_texts(query, texts, max_documents=s.max_documents, max_text_chars=s.max_text_chars, **fields)
+
+    async def _check_lengths(
+        self, query: str, texts: list[str], query_field: str, field: str, suffix: str, hint: str
+    ) -> None:
+        """For APIs whose default is to refuse, not cut, inputs longer than the model's max length."""
+        loop = asyncio.get_running_loop()
+        bad = await loop.run_in_executor(self._check_pool, self._first_too_long, query, texts)
+        if bad is None:
+            return
+        where, n, limit = bad
+        what = "the query" if where < 0 else "the document"
+        raise ApiError(
+            413,
+            f"{what} is {n} tokens, more than the model's limit of {limit}; {hint}",
+            field=query_field if where < 0 else f"{field}[{where}]{suffix}",
+            error_type="payload_too_large",
+        )
+
+    def _first_too_long(self, query: str, texts: list[str]) -> tuple[int, int, int] | None:
+        tok = self._check_tokenizer
+        cfg = self.scorer.config
+        q_len = len(tok(cfg.query_template.format(query=query), add_special_tokens=False)["input_ids"])
+        if q_len > self.scorer.max_query_length:
+            return -1, q_len, self.scorer.max_query_length
+        passages = [cfg.passage_template.format(text=t) for t in texts]
+        lengths = [len(x) for x in tok(passages, add_special_tokens=False)["input_ids"]]
+        if self.kind == "bi-encoder":
+            limit = self.scorer.max_length - tok.num_special_tokens_to_add(pair=False)
+        else:
+            limit = self.scorer.max_length - tok.num_special_tokens_to_add(pair=True) - q_len
+        for i, n in enumerate(lengths):
+            if n > limit:
+                return i, n, limit
+        return None
+
+    async def _score(self, query: str, texts: list[str]) -> np.ndarray:
+        """Raw scores of (query, text) pairs in input order, scored in batches shared with other requests."""
+        s = self.config.serve
+        n = len(texts)
+        if self._pending_pairs and self._pending_pairs + n > s.max_queued_pairs:
+            raise ApiError(
+                503,
+                f"overloaded: {self._pending_pairs} pairs waiting in this replica (serve.max_queued_pairs="
+                f"{s.max_queued_pairs}); retry later",
+                error_type="overloaded",
+                headers=_retry_after(s.retry_after_s),
+            )
+        self._pending_pairs += n
+        self._next_request_id += 1
+        self._stats["requests"] += 1
+        request_id = self._next_request_id
+        try:
+            step = self._chunk_pairs
+            parts = await asyncio.gather(
+                *(self._score_chunks(_Chunk(request_id, query, texts[i : i + step])) for i in range(0, n, step))
+            )
+        finally:
+            self._pending_pairs -= n
+        return np.concatenate(parts)
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_pairs_in)
+    async def _score_chunks(self, chunks: list[_Chunk]) -> list[np.ndarray]:
+        queries = [c.query for c in chunks for _ in c.texts]
+        passages = [t for c in chunks for t in c.texts]
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._model_pool, self.scorer.score, queries, passages)
+        n_requests = len({c.request_id for c in chunks})
+        st = self._stats
+        st["batches"] += 1
+        st["pairs"] += len(passages)
+        st["max_batch_pairs"] = max(st["max_batch_pairs"], len(passages))
+        st["max_batch_requests"] = max(st["max_batch_requests"], n_requests)
+        m = app.state.metrics
+        m.batch_pairs.observe(len(passages))
+        m.batch_requests.observe(n_requests)
+        m.pairs.inc(len(passages))
+        out, start = [], 0
+        for c in chunks:
+            out.append(scores[start : start + len(c.texts)])
+            start += len(c.texts)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _num_gpus(config: ServeAppConfig) -> float:
+    gpus = config.serve.num_gpus_per_replica
+    if gpus != "auto":
+        return float(gpus)
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
+    """serve.* -> Ray Serve deployment options (replicas, resources, queue limits)."""
+    s = config.serve
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": _num_gpus(config)},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        # Model loading can take minutes on a cold node; don't let Serve give up on a replica before that.
+        "health_check_timeout_s": 60,
+    }
+    if s.autoscaling is not None:
+        a = s.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        }
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def build_app_from_config(config: ServeAppConfig):
+    """A bound Serve application for this config (deploy it with serve.run or a Serve config file)."""
+    return RerankService.options(**deployment_options(config)).bind(
+        config.model_dump(mode="json"), resolve_api_key(config)
+    )
