@@ -244,21 +244,51 @@ def _mean_candidates(storage: Storage, path: str) -> float:
 # ---------------------------------------------------------------------------- the job
 
 
-def run_rerank(config: RerankJobConfig) -> JobSummary:
+@dataclass
+class JobPlan:
+    """Everything checked before any cluster time is spent: input files and layout, corpus, model, output."""
+
+    config: RerankJobConfig
+    storage: Storage
+    files: list[tuple[str, int]]
+    layout: InputLayout
+    corpus: tuple[Storage, list[tuple[str, int]]] | None
+    model: dict[str, Any]
+    out_storage: Storage
+    out_path: str
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.files]
+
+
+def plan_rerank(config: RerankJobConfig) -> JobPlan:
+    """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem."""
+    from pipelines.scoring import describe_model
+
+    storage, files, layout = inspect_input(config)
+    corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
+    model = describe_model(config.model)
+    out_storage = Storage.for_uri(config.output.uri, config.storage)
+    protect = [p for p, _ in files] + ([p for p, _ in corpus[1]] if corpus else [])
+    out_path = out_storage.check_output(
+        config.output.uri, config.output.mode, protect if out_storage.protocol == storage.protocol else []
+    )
+    return JobPlan(config, storage, files, layout, corpus, model, out_storage, out_path)
+
+
+def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSummary:
     """Run one reranking job. Ray must already be initialised (or RAY_ADDRESS set) by the caller."""
     import ray
     import ray.data
 
-    from pipelines.scoring import default_threads, describe_model
+    from pipelines.scoring import default_threads
 
     started = time.perf_counter()
-    storage, files, layout = inspect_input(config)
-    paths = [p for p, _ in files]
-    corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
-    model = describe_model(config.model)
-    out_storage = Storage.for_uri(config.output.uri, config.storage)
-    protect = paths + ([p for p, _ in corpus[1]] if corpus else [])
-    out_path = out_storage.prepare_output(config.output.uri, config.output.mode, protect if out_storage.protocol == storage.protocol else [])
+    plan = plan or plan_rerank(config)
+    storage, files, layout, corpus, paths = plan.storage, plan.files, plan.layout, plan.corpus, plan.paths
+    out_storage, out_path = plan.out_storage, plan.out_path
+    out_storage.clear_output(out_path)
     scale = resolve_scale(config)
     partitions = _num_partitions(config, sum(s for _, s in files))
     log.info(
@@ -324,7 +354,7 @@ def run_rerank(config: RerankJobConfig) -> JobSummary:
         output_uri=config.output.uri,
         layout=layout.layout + (" + corpus" if corpus else ""),
         config=config.model_dump(mode="json"),
-        model=model,
+        model=plan.model,
         input_files=len(paths),
         pairs_in=counted.get("pairs_in", 0),
         pairs_scored=counted.get("pairs_scored", 0),
@@ -335,7 +365,6 @@ def run_rerank(config: RerankJobConfig) -> JobSummary:
     summary.pairs_per_s = round(summary.pairs_scored / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
     out_storage.write_json(out_path + "/_summary.json", summary.to_dict())
     out_storage.write_text(out_path + "/_SUCCESS", "")
-    log.info(summary.one_line())
     return summary
 
 

@@ -49,13 +49,14 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.batch import run_rerank
+    from pipelines.batch import plan_rerank, run_rerank
     from pipelines.config import RerankJobConfig, load_config
 
     config = load_config(RerankJobConfig, args.config, args.overrides)
+    plan = plan_rerank(config)  # every input, model and output check before Ray starts
     connect_ray(config.ray)
-    summary = run_rerank(config)
-    print(summary.one_line())
+    summary = run_rerank(config, plan)
+    print(summary.one_line(), flush=True)
     return 0
 
 

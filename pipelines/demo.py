@@ -7,6 +7,7 @@ local Ray and prints where the results are with a short sample. No cluster, clou
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -75,7 +76,7 @@ def run_demo(output: str, overrides: list[str] | None = None) -> int:
         model["name_or_path"] = minilm_path()
     config = validate_config(RerankJobConfig, apply_overrides(data, overrides), source="demo config")
     summary = run_rerank(config)
-    print(summary.one_line())
+    print(summary.one_line(), flush=True)
     print_sample(config.output.uri)
     return 0
 
@@ -102,3 +103,4 @@ def print_sample(output_uri: str, queries: int = 2, rows: int = 3) -> None:
                 f"  {r['rank']}. doc {r['doc_id']:<5} score {r['score']:.3f} (BM25 rank {r['first_stage_rank']:>2})"
                 f"{'  relevant' if grade > 0 else ''}  {snippet}..."
             )
+    sys.stdout.flush()

@@ -112,8 +112,8 @@ class Storage:
 
     # ------------------------------------------------------------------ writing
 
-    def prepare_output(self, uri: str, mode: str, protect: list[str]) -> str:
-        """Make sure the output folder can be written as asked; returns its path."""
+    def check_output(self, uri: str, mode: str, protect: list[str]) -> str:
+        """Check that the output folder may be written as asked (nothing is deleted yet); returns its path."""
         path = self.path(uri)
         for other in protect:
             o = other.rstrip("/")
@@ -123,16 +123,19 @@ class Storage:
             exists = self.fs.exists(path) and (not self.fs.isdir(path) or bool(self.fs.ls(path)))
         except Exception as err:
             raise OutputError(f"cannot access output {uri}: {_short(err)}") from None
-        if exists:
-            if mode != "overwrite":
-                raise OutputError(
-                    f"output {uri} already holds files; set output.mode=overwrite to replace them or pick a new output.uri"
-                )
-            log.info("output.mode=overwrite: deleting %s", uri)
+        if exists and mode != "overwrite":
+            raise OutputError(
+                f"output {uri} already holds files; set output.mode=overwrite to replace them or pick a new output.uri"
+            )
+        return path
+
+    def clear_output(self, path: str) -> None:
+        """Delete what an earlier run left (output.mode=overwrite was checked by check_output)."""
+        if self.fs.exists(path):
+            log.info("output.mode=overwrite: deleting %s", self.uri(path))
             self.fs.rm(path, recursive=True)
         if self.protocol == "file":
             os.makedirs(path, exist_ok=True)
-        return path
 
     def write_json(self, path: str, data: Any) -> None:
         with self.fs.open(path, "w") as f:
