@@ -61,6 +61,9 @@ class ModelConfig(_Strict):
     passage_template: str = Field("{text}", description="Python format string applied to each passage, e.g. 'passage:{text}'.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the model.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: the CPUs reserved for the actor).")
+    embedding_cache: int = Field(
+        20_000, ge=0, description="bi-encoder only: passage embeddings each model copy keeps (LRU); 0 disables."
+    )
 
     @field_validator("query_template")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,7 @@ class Scorer:
         self.model.to(self.device).eval()
         self.max_length = min(config.max_length, self._model_max_positions())
         self.max_query_length = config.max_query_length or self.max_length // 2
+        self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.info = ModelInfo(
             name_or_path=config.name_or_path,
             kind=config.kind,
@@ -236,12 +238,30 @@ class Scorer:
         return out
 
     def _score_bi(self, queries: list[str], passages: list[str]) -> np.ndarray:
+        # A passage's embedding does not depend on the query: embed each distinct text once, and keep recent
+        # ones, since the same chunk is a candidate of many queries.
         unique_q = list(dict.fromkeys(queries))
-        q_index = {q: i for i, q in enumerate(unique_q)}
         q_emb = self.embed(unique_q, max_length=self.max_query_length)
-        p_emb = self.embed(passages)
-        rows = np.fromiter((q_index[q] for q in queries), dtype=np.int64, count=len(queries))
-        return np.einsum("ij,ij->i", q_emb[rows], p_emb).astype(np.float32)
+        unique_p = list(dict.fromkeys(passages))
+        missing = [p for p in unique_p if p not in self._passage_cache]
+        fresh = dict(zip(missing, self.embed(missing))) if missing else {}
+        p_emb = np.stack([fresh[p] if p in fresh else self._passage_cache[p] for p in unique_p])
+        for p in unique_p:
+            self._remember(p, fresh.get(p))
+        q_rows = _positions(queries, unique_q)
+        p_rows = _positions(passages, unique_p)
+        return np.einsum("ij,ij->i", q_emb[q_rows], p_emb[p_rows]).astype(np.float32)
+
+    def _remember(self, passage: str, embedding: np.ndarray | None) -> None:
+        cache, limit = self._passage_cache, self.config.embedding_cache
+        if limit <= 0:
+            return
+        if embedding is None:
+            cache.move_to_end(passage)
+            return
+        cache[passage] = embedding
+        if len(cache) > limit:
+            cache.popitem(last=False)
 
     # ------------------------------------------------------------------ batching
 
@@ -250,6 +270,11 @@ class Scorer:
         order = np.argsort(-np.asarray(lengths), kind="stable")
         bs = self.config.batch_size
         return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+
+def _positions(items: list[str], unique: list[str]) -> np.ndarray:
+    index = {x: i for i, x in enumerate(unique)}
+    return np.fromiter((index[x] for x in items), dtype=np.int64, count=len(items))
 
 
 def default_threads(num_cpus: float) -> int:

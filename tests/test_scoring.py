@@ -112,3 +112,15 @@ def test_model_errors_say_what_to_do(tmp_path, tiny_cross_encoder):
         describe_model(ModelConfig(name_or_path=str(bad)))
     info = describe_model(ModelConfig(name_or_path=tiny_cross_encoder))
     assert info["num_labels"] == 1 and info["revision"].startswith("sha256:")
+
+
+def test_bi_encoder_passage_cache_does_not_change_scores(tiny_bi_encoder):
+    cached = Scorer(ModelConfig(name_or_path=tiny_bi_encoder, kind="bi-encoder", max_length=128, embedding_cache=4))
+    plain = Scorer(ModelConfig(name_or_path=tiny_bi_encoder, kind="bi-encoder", max_length=128, embedding_cache=0))
+    for shift in range(3):  # later calls hit (and evict from) the cache
+        qs = QUERIES[shift:] + QUERIES[:shift]
+        np.testing.assert_allclose(cached.score(qs, PASSAGES), plain.score(qs, PASSAGES), atol=1e-6)
+    assert len(cached._passage_cache) == 4 and not plain._passage_cache
+    q = cached.embed(["wing"])[0]
+    p = cached.embed(["shock wave"])[0]
+    assert cached.score(["wing"], ["shock wave"])[0] == pytest.approx(float(q @ p), abs=1e-6)
