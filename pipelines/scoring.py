@@ -257,7 +257,8 @@ class Scorer:
         if limit <= 0:
             return
         if embedding is None:
-            cache.move_to_end(passage)
+            if passage in cache:  # it may have been evicted by this very batch
+                cache.move_to_end(passage)
             return
         cache[passage] = embedding
         if len(cache) > limit:
