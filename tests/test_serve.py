@@ -110,7 +110,7 @@ def test_config_errors_name_the_key():
 
 
 def test_deployment_options_from_config():
-    from pipelines.serve.app import deployment_options
+    from pipelines.serve.app import deployment_options, replica_init_args
 
     fixed = validate_config(
         ServeAppConfig,
@@ -130,6 +130,8 @@ def test_deployment_options_from_config():
     opts = deployment_options(auto)
     assert "num_replicas" not in opts
     assert opts["autoscaling_config"]["min_replicas"] == 0 and opts["autoscaling_config"]["max_replicas"] == 5
+    for config in (fixed, auto):  # each replica validates its config again
+        assert ServeAppConfig.model_validate(replica_init_args(config)[0]) == config
 
 
 def test_exposure_needs_an_api_key(monkeypatch):
@@ -164,7 +166,8 @@ def test_cli_serves_with_api_key_and_stops_cleanly(model_path, scorer):
         sys.executable, "-m", "pipelines.cli", "serve", str(ROOT / "conf/serve.yaml"),
         "--set", f"model.name_or_path={model_path}", "--set", "model.device=cpu",
         "--set", f"serve.port={port}", "--set", "serve.num_cpus_per_replica=0.5",
-        "--set", "ray.num_cpus=2",
+        "--set", "ray.num_cpus=2", "--set", "serve.autoscaling.max_replicas=1",
+        "--set", "serve.autoscaling.target_ongoing_requests=8",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -331,6 +334,21 @@ def test_nim_shape_and_parity(service, scorer):
     assert set(out) == {"rankings"}
     assert [x["index"] for x in out["rankings"]] == order.tolist()
     assert np.allclose([x["logit"] for x in out["rankings"]], raw[order], atol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_nim_langchain_client(service, scorer):
+    """LangChain's NVIDIA reranker (the NIM client) pointed at this service's /v1 base URL."""
+    from langchain_core.documents import Document
+    from langchain_nvidia_ai_endpoints import NVIDIARerank
+
+    url, _, _ = service
+    raw = scorer.score([QUERY] * len(DOCS), DOCS)
+    ranker = NVIDIARerank(base_url=f"{url}/v1", model="rerank-serve-tiny", api_key="unused", top_n=3)
+    out = ranker.compress_documents(query=QUERY, documents=[Document(page_content=d) for d in DOCS])
+    order = np.argsort(-raw, kind="stable")[:3]
+    assert [d.page_content for d in out] == [DOCS[i] for i in order]
+    assert np.allclose([d.metadata["relevance_score"] for d in out], raw[order], atol=1e-4)
 
 
 @pytest.mark.timeout(60)

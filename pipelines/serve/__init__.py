@@ -40,12 +40,14 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def load_serve_config(args: dict[str, Any] | None) -> ServeAppConfig:
     """Builder args -> config: an optional ``config`` YAML path, the tree itself (model, serve, ray) merged over
-    it, and optional ``overrides`` (a list of ``key.path=value`` strings, as for ``--set``)."""
+    it, then ``key.path: value`` args and ``overrides`` (a list of ``key.path=value`` strings, as for ``--set``)."""
     args = dict(args or {})
     path = args.pop("config", None)
     overrides = args.pop("overrides", None) or []
     if isinstance(overrides, str):
         overrides = [overrides]
+    # `serve run pipelines.serve:build_app config=conf/serve.yaml model.name_or_path=...` passes flat strings.
+    overrides = [f"{k}={v}" for k, v in list(args.items()) if "." in k and args.pop(k) is not None] + list(overrides)
     data = read_yaml(path) if path else {}
     data = apply_overrides(_deep_merge(data, args), list(overrides))
     return validate_config(ServeAppConfig, data, source=str(path) if path else "serve application args")

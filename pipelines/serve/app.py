@@ -160,6 +160,12 @@ def _pairs_in(chunks: list[_Chunk]) -> int:
     return sum(len(c.texts) for c in chunks)
 
 
+class _BatchSizeWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("`max_batch_size`" in msg and "`max_ongoing_requests`" in msg)
+
+
 def _retry_after(seconds: int) -> dict[str, str]:
     return {"Retry-After": str(seconds)}
 
@@ -204,6 +210,8 @@ class RerankService:
         self._pending_pairs = 0
         self._next_request_id = 0
         self._stats = {"requests": 0, "batches": 0, "pairs": 0, "max_batch_pairs": 0, "max_batch_requests": 0}
+        # Serve warns when max_batch_size exceeds max_ongoing_requests, counting requests; ours counts pairs.
+        logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
         self._score_chunks.set_max_batch_size(s.max_batch_pairs)
         self._score_chunks.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         app.state.api_key = api_key or os.environ.get(s.api_key_env) or None
@@ -416,6 +424,9 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
 
 def build_app_from_config(config: ServeAppConfig):
     """A bound Serve application for this config (deploy it with serve.run or a Serve config file)."""
-    return RerankService.options(**deployment_options(config)).bind(
-        config.model_dump(mode="json"), resolve_api_key(config)
-    )
+    return RerankService.options(**deployment_options(config)).bind(*replica_init_args(config))
+
+
+def replica_init_args(config: ServeAppConfig) -> tuple[dict[str, Any], str | None]:
+    """What each replica is constructed with: the config as set (so it validates again unchanged), the API key."""
+    return config.model_dump(mode="json", exclude_unset=True), resolve_api_key(config)
