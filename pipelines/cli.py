@@ -97,17 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins() -> None:
-    """Subcommands that live beside their feature (serve, eval) register here."""
-    for module in ("pipelines.serve", "pipelines.evaluation"):
-        try:
-            mod = __import__(module, fromlist=["register_cli"])
-        except ModuleNotFoundError as err:
-            if err.name and module.startswith(err.name):
-                continue
-            raise
-        register = getattr(mod, "register_cli", None)
-        if register is not None:
-            register(COMMANDS, _add_config_args)
+    """Subcommands that live beside their feature register themselves (their heavy imports stay lazy)."""
+    from pipelines.evaluation import register_cli as register_eval
+    from pipelines.serve import register_cli as register_serve
+
+    register_serve(COMMANDS, _add_config_args)
+    register_eval(COMMANDS, _add_config_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

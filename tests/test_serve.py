@@ -175,7 +175,7 @@ def test_cli_serves_with_api_key_and_stops_cleanly(model_path, scorer):
         _wait_healthy(url, timeout=150, proc=proc)  # /health needs no key: load balancers probe it
         body = {"query": QUERY, "documents": DOCS}
         no_key = requests.post(f"{url}/v1/rerank", json=body, timeout=30)
-        assert no_key.status_code == 401 and "API key" in no_key.json()["message"]
+        assert no_key.status_code == 401 and "API key" in no_key.json()["message"], (no_key.status_code, no_key.text)
         assert no_key.headers["www-authenticate"] == "Bearer"
         wrong = requests.post(f"{url}/v2/rerank", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
         assert wrong.status_code == 401
