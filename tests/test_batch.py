@@ -182,3 +182,6 @@ def test_no_files_and_mismatched_files(tmp_path, tiny_cross_encoder):
     pq.write_table(pa.table({"query_id": ["x"], "query": ["q"], "doc_id": [1], "text": ["t"]}), tmp_path / "in" / "b.parquet")
     with pytest.raises(InputError, match="does not match"):
         run_rerank(job(tmp_path, tiny_cross_encoder, tmp_path / "in"))
+    (tmp_path / "in" / "b.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="cannot read Parquet schema of .*b.parquet"):
+        run_rerank(job(tmp_path, tiny_cross_encoder, tmp_path / "in"))
