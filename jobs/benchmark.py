@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
 
 def minilm_cross_encoder(folder: Path) -> str:
@@ -43,8 +43,14 @@ def naive_loop(model_path: str, queries, passages, max_length: int, batch: int =
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(queries), batch):
-            enc = tok(queries[i : i + batch], passages[i : i + batch], truncation="only_second",
-                      max_length=max_length, padding=True, return_tensors="pt")
+            enc = tok(
+                queries[i : i + batch],
+                passages[i : i + batch],
+                truncation="only_second",
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             model(**enc)
     return len(queries) / (time.perf_counter() - start)
 
@@ -85,16 +91,20 @@ def main() -> None:
     for i in range(4):
         pq.write_table(table.take(list(range(i, table.num_rows, 4))), work / "in" / f"part-{i}.parquet")
     queries, passages = table.column("query").to_pylist(), table.column("text").to_pylist()
-    print(f"{table.num_rows} pairs, model {model}, kind {args.kind}, max_length {args.max_length}, "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(
+        f"{table.num_rows} pairs, model {model}, kind {args.kind}, max_length {args.max_length}, "
+        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    )
 
     results: dict[str, list[float]] = {}
     for _ in range(args.repeat):
         if args.kind == "cross-encoder":
             results.setdefault("plain loop, batch 32, input order", []).append(
-                naive_loop(model, queries, passages, args.max_length))
+                naive_loop(model, queries, passages, args.max_length)
+            )
         results.setdefault("Scorer in one process (sorted micro-batches)", []).append(
-            scorer_loop(model, args.kind, queries, passages, args.max_length))
+            scorer_loop(model, args.kind, queries, passages, args.max_length)
+        )
 
     from pipelines.batch import run_rerank
     from pipelines.config import RerankJobConfig, apply_overrides, validate_config

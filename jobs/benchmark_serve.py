@@ -107,11 +107,15 @@ def main() -> None:
             proc.kill()
 
     pairs = len(jobs) * args.docs
-    pct = lambda p: latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]  # noqa: E731
-    print(f"\n{args.clients} clients x {args.requests} requests x {args.docs} documents, model {model}, "
-          f"max_length {args.max_length}, {os.cpu_count()} cores")
-    print(f"service: {len(jobs)} requests in {wall:.1f} s: {pairs / wall:.1f} pairs/s, {len(jobs) / wall:.2f} req/s; "
-          f"latency p50 {pct(50):.2f} s, p95 {pct(95):.2f} s, p99 {pct(99):.2f} s, mean {statistics.mean(latencies):.2f} s")
+    pct = lambda p: latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
+    print(
+        f"\n{args.clients} clients x {args.requests} requests x {args.docs} documents, model {model}, "
+        f"max_length {args.max_length}, {os.cpu_count()} cores"
+    )
+    print(
+        f"service: {len(jobs)} requests in {wall:.1f} s: {pairs / wall:.1f} pairs/s, {len(jobs) / wall:.2f} req/s; "
+        f"latency p50 {pct(50):.2f} s, p95 {pct(95):.2f} s, p99 {pct(99):.2f} s, mean {statistics.mean(latencies):.2f} s"
+    )
 
     import torch
 
@@ -126,7 +130,9 @@ def main() -> None:
     for i in range(0, len(qs), 512):
         scorer.score(qs[i : i + 512], ps[i : i + 512])
     offline = len(qs) / (time.perf_counter() - t)
-    print(f"Scorer in one process on the same pairs: {offline:.1f} pairs/s; service/offline = {pairs / wall / offline:.2f}")
+    print(
+        f"Scorer in one process on the same pairs: {offline:.1f} pairs/s; service/offline = {pairs / wall / offline:.2f}"
+    )
 
 
 if __name__ == "__main__":

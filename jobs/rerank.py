@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a --working-dir upload has no installed package
 
-from pipelines.cli import main  # noqa: E402
+from pipelines.cli import main
 
 
 def parse(argv: list[str]) -> list[str]:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from pipelines import records
 from pipelines.config import ModelConfig, RerankJobConfig, StorageConfig
 from pipelines.errors import InputError
-from pipelines.records import FLAT, PACKED, InputLayout
+from pipelines.records import PACKED, InputLayout
 from pipelines.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,11 @@ class JobSummary:
     scale: dict[str, Any] = field(default_factory=dict)
 
     def one_line(self) -> str:
-        rej = f", {self.rejected:,} rejected ({', '.join(f'{k}: {v}' for k, v in self.rejected_by_reason.items())})" if self.rejected else ""
+        rej = (
+            f", {self.rejected:,} rejected ({', '.join(f'{k}: {v}' for k, v in self.rejected_by_reason.items())})"
+            if self.rejected
+            else ""
+        )
         return (
             f"rerank: {self.queries:,} queries, {self.pairs_scored:,} pairs scored, {self.rows_written:,} rows written"
             f"{rej} in {self.wall_time_s:.1f} s ({self.pairs_per_s:.1f} pairs/s) -> {self.output_uri}"
@@ -142,9 +146,7 @@ class ScoreActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.layout.layout == PACKED and self.final:
             batch = prepare_pairs(batch, layout=self.layout, explode=True, sink=self.sink, counts=self.counts)
-        scores = self.scorer.score(
-            batch.column("query").to_pylist(), batch.column("text").to_pylist()
-        )
+        scores = self.scorer.score(batch.column("query").to_pylist(), batch.column("text").to_pylist())
         keep = ["query_id", "doc_id"] + (["first_stage_rank"] if self.layout.has_first_stage_rank else [])
         scored = batch.select(keep).append_column("score", pa.array(scores, pa.float32()))
         scored, bad = records.split_non_finite(scored, self.layout)
@@ -293,8 +295,13 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
     partitions = _num_partitions(config, sum(s for _, s in files))
     log.info(
         "rerank: %d input file(s), %s layout%s; %d-%d scoring actor(s) x %.2g CPU / %.2g GPU",
-        len(paths), layout.layout, " + corpus join" if corpus else "", scale["min_actors"], scale["max_actors"],
-        scale["num_cpus_per_actor"], scale["num_gpus_per_actor"],
+        len(paths),
+        layout.layout,
+        " + corpus join" if corpus else "",
+        scale["min_actors"],
+        scale["max_actors"],
+        scale["num_cpus_per_actor"],
+        scale["num_gpus_per_actor"],
     )
 
     sink = RejectSink(config.output.uri, config.storage)
@@ -309,7 +316,10 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
             prepare_pairs,
             batch_format="pyarrow",
             fn_kwargs={
-                "layout": layout, "explode": layout.layout == PACKED, "sink": sink, "counts": counts,
+                "layout": layout,
+                "explode": layout.layout == PACKED,
+                "sink": sink,
+                "counts": counts,
             },
         )
     if corpus is not None:
@@ -329,8 +339,13 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         num_cpus=scale["num_cpus_per_actor"],
         num_gpus=scale["num_gpus_per_actor"],
         fn_constructor_kwargs={
-            "model": config.model, "layout": layout, "top_n": config.output.top_n, "final": packed_direct,
-            "num_threads": default_threads(scale["num_cpus_per_actor"]), "sink": sink, "counts": counts,
+            "model": config.model,
+            "layout": layout,
+            "top_n": config.output.top_n,
+            "final": packed_direct,
+            "num_threads": default_threads(scale["num_cpus_per_actor"]),
+            "sink": sink,
+            "counts": counts,
         },
     )
     columns = records.output_columns(layout)
@@ -345,7 +360,7 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
             min_rows_per_file=min(config.output.rows_per_file, 500_000),
             max_rows_per_file=config.output.rows_per_file,
         )
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
         raise _as_input_error(err) from None
 
     counted = ray.get(counts.get.remote())
@@ -369,7 +384,9 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
 
 
 def _cast_corpus(batch: pa.Table, *, doc_id_type: pa.DataType) -> pa.Table:
-    return pa.table({"doc_id": batch.column("doc_id").cast(doc_id_type), "text": batch.column("text").cast(pa.string())})
+    return pa.table(
+        {"doc_id": batch.column("doc_id").cast(doc_id_type), "text": batch.column("text").cast(pa.string())}
+    )
 
 
 def _count_output(storage: Storage, out_path: str, summary: JobSummary) -> None:

@@ -43,7 +43,9 @@ class ModelConfig(_Strict):
         "bi-encoder: mean-pooled, L2-normalised embeddings, cosine score.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
-    max_length: int = Field(512, ge=8, le=32768, description="Max tokens of a (query, passage) pair; the passage is cut.")
+    max_length: int = Field(
+        512, ge=8, le=32768, description="Max tokens of a (query, passage) pair; the passage is cut."
+    )
     max_query_length: int | None = Field(
         None, ge=4, description="Max tokens kept of a query (default: half of max_length) so a passage always fits."
     )
@@ -57,10 +59,16 @@ class ModelConfig(_Strict):
         description="none: the raw logit (num_labels 1) or the positive-class logit (num_labels 2). "
         "sigmoid: a probability in [0, 1] (softmax of the positive class for num_labels 2).",
     )
-    query_template: str = Field("{query}", description="Python format string applied to each query, e.g. 'question:{query}'.")
-    passage_template: str = Field("{text}", description="Python format string applied to each passage, e.g. 'passage:{text}'.")
+    query_template: str = Field(
+        "{query}", description="Python format string applied to each query, e.g. 'question:{query}'."
+    )
+    passage_template: str = Field(
+        "{text}", description="Python format string applied to each passage, e.g. 'passage:{text}'."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the model.")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: the CPUs reserved for the actor).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: the CPUs reserved for the actor)."
+    )
     embedding_cache: int = Field(
         20_000, ge=0, description="bi-encoder only: passage embeddings each model copy keeps (LRU); 0 disables."
     )
@@ -80,7 +88,7 @@ class ModelConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _query_fits(self) -> "ModelConfig":
+    def _query_fits(self) -> ModelConfig:
         if self.max_query_length is not None and self.max_query_length >= self.max_length:
             raise ValueError("model.max_query_length must be smaller than model.max_length")
         return self
@@ -103,7 +111,9 @@ class InputConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    uri: str = Field(..., description="Folder (local or s3://) for the top-N Parquet files, _summary.json and _rejects/.")
+    uri: str = Field(
+        ..., description="Folder (local or s3://) for the top-N Parquet files, _summary.json and _rejects/."
+    )
     top_n: int = Field(10, ge=1, description="Candidates kept per query.")
     mode: Literal["error", "overwrite"] = Field(
         "error", description="error: stop if the output folder is not empty. overwrite: delete it first."
@@ -119,7 +129,9 @@ class ScaleConfig(_Strict):
         description="Scoring actors (model copies); the minimum when max_actors is set. auto: one per GPU when "
         "actors take GPUs, else one per num_cpus_per_actor of the cluster's CPUs, less 2 kept for reading.",
     )
-    max_actors: int | None = Field(None, ge=1, description="Set to autoscale the actor pool between num_actors and this.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Set to autoscale the actor pool between num_actors and this."
+    )
     num_gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="GPUs per actor; auto: 1 when the cluster has GPUs, else 0."
     )
@@ -129,13 +141,17 @@ class ScaleConfig(_Strict):
         description="CPUs reserved per actor; also its torch thread count on CPU (on 2 cores one actor with 2 "
         "threads scored 25% faster than two actors with one thread each).",
     )
-    batch_rows: int = Field(512, ge=1, description="Pairs handed to an actor per call (sorted into micro-batches inside).")
+    batch_rows: int = Field(
+        512, ge=1, description="Pairs handed to an actor per call (sorted into micro-batches inside)."
+    )
     num_partitions: int | None = Field(
-        None, ge=1, description="Shuffle partitions for the flat layout's per-query top-N and the corpus join (default: from input size)."
+        None,
+        ge=1,
+        description="Shuffle partitions for the flat layout's per-query top-N and the corpus join (default: from input size).",
     )
 
     @model_validator(mode="after")
-    def _range(self) -> "ScaleConfig":
+    def _range(self) -> ScaleConfig:
         if isinstance(self.num_actors, int) and self.num_actors < 1:
             raise ValueError("scale.num_actors must be >= 1 or 'auto'")
         if self.max_actors is not None and isinstance(self.num_actors, int) and self.max_actors < self.num_actors:
@@ -147,7 +163,9 @@ class RayConfig(_Strict):
     """Used only by entry points when they start a local Ray (no RAY_ADDRESS)."""
 
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of the local Ray (default: cores + 2, so readers never starve behind actors)."
+        None,
+        ge=1,
+        description="Logical CPUs of the local Ray (default: cores + 2, so readers never starve behind actors).",
     )
 
 
@@ -241,8 +259,12 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
 class ServeAutoscalingConfig(_Strict):
     """Ray Serve autoscaling of the service's replicas (each replica holds one copy of the model)."""
 
-    min_replicas: int = Field(1, ge=0, description="Replicas kept up when idle; 0 scales to zero (first request waits for a model load).")
-    max_replicas: int = Field(2, ge=1, description="Upper bound; each replica needs num_cpus/num_gpus_per_replica free in the cluster.")
+    min_replicas: int = Field(
+        1, ge=0, description="Replicas kept up when idle; 0 scales to zero (first request waits for a model load)."
+    )
+    max_replicas: int = Field(
+        2, ge=1, description="Upper bound; each replica needs num_cpus/num_gpus_per_replica free in the cluster."
+    )
     target_ongoing_requests: float = Field(
         16.0,
         gt=0,
@@ -250,10 +272,12 @@ class ServeAutoscalingConfig(_Strict):
         "higher: fuller batches, fewer replicas. Keep it below serve.max_ongoing_requests.",
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before a replica is added.")
-    downscale_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long before a replica is removed.")
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Load must stay low this long before a replica is removed."
+    )
 
     @model_validator(mode="after")
-    def _range(self) -> "ServeAutoscalingConfig":
+    def _range(self) -> ServeAutoscalingConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError("serve.autoscaling.max_replicas must be >= serve.autoscaling.min_replicas")
         return self
@@ -279,7 +303,9 @@ class ServeConfig(_Strict):
         description="Bearer token clients must send (Authorization: Bearer ...). Prefer the environment variable "
         "named by api_key_env, so the key stays out of config files.",
     )
-    api_key_env: str = Field("RERANK_API_KEY", description="Environment variable read for the API key when api_key is unset.")
+    api_key_env: str = Field(
+        "RERANK_API_KEY", description="Environment variable read for the API key when api_key is unset."
+    )
     allow_unauthenticated: bool = Field(
         False, description="Allow a non-loopback host without an API key (e.g. behind an authenticating gateway)."
     )
@@ -288,7 +314,9 @@ class ServeConfig(_Strict):
         None, description="Set to autoscale between min_replicas and max_replicas instead of a fixed num_replicas."
     )
     num_cpus_per_replica: float = Field(
-        1.0, gt=0, description="CPUs reserved per replica; also its torch thread count on CPU (model.num_threads overrides)."
+        1.0,
+        gt=0,
+        description="CPUs reserved per replica; also its torch thread count on CPU (model.num_threads overrides).",
     )
     num_gpus_per_replica: float | Literal["auto"] = Field(
         "auto", description="GPUs per replica; auto: 1 when the cluster has GPUs, else 0."
@@ -300,15 +328,21 @@ class ServeConfig(_Strict):
         "better throughput, longer waits; the model still runs model.batch_size pairs per forward pass.",
     )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long a batch waits for more requests once the first arrives: latency vs batch size."
+        0.01,
+        ge=0,
+        description="How long a batch waits for more requests once the first arrives: latency vs batch size.",
     )
     max_documents: int = Field(
-        10_000, ge=1, description="Documents per request; larger requests are refused with 413. Large requests are "
-        "split across batches, so this bounds work per request, not batch size."
+        10_000,
+        ge=1,
+        description="Documents per request; larger requests are refused with 413. Large requests are "
+        "split across batches, so this bounds work per request, not batch size.",
     )
     max_text_chars: int = Field(
-        32_768, ge=1, description="Characters per query or document; longer texts are refused with 413 (the model "
-        "truncates to model.max_length tokens anyway, this caps tokenizer work)."
+        32_768,
+        ge=1,
+        description="Characters per query or document; longer texts are refused with 413 (the model "
+        "truncates to model.max_length tokens anyway, this caps tokenizer work).",
     )
     max_ongoing_requests: int = Field(
         64,
@@ -317,7 +351,9 @@ class ServeConfig(_Strict):
         "in the proxy's queue.",
     )
     max_queued_requests: int = Field(
-        256, ge=-1, description="Requests waiting in each proxy for a free replica; past it: 503 + Retry-After. -1: unbounded."
+        256,
+        ge=-1,
+        description="Requests waiting in each proxy for a free replica; past it: 503 + Retry-After. -1: unbounded.",
     )
     max_queued_pairs: int = Field(
         20_000,
@@ -328,7 +364,7 @@ class ServeConfig(_Strict):
     retry_after_s: int = Field(2, ge=0, description="Retry-After seconds sent with 503 (overload) responses.")
 
     @model_validator(mode="after")
-    def _replicas(self) -> "ServeConfig":
+    def _replicas(self) -> ServeConfig:
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
             raise ValueError("set serve.num_replicas or serve.autoscaling, not both")
         if self.autoscaling is not None and self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
@@ -359,9 +395,15 @@ class EvalDataConfig(_Strict):
         "smart: SMART files (.I records) named by data.corpus/queries/qrels. "
         "files: corpus and queries as JSONL/Parquet (queries also id<TAB>text TSV), qrels as TREC or BEIR TSV.",
     )
-    path: str | None = Field(None, description="The BEIR folder (format beir); another Cranfield copy (format cranfield).")
-    corpus: str | None = Field(None, description="Corpus file: JSONL/Parquet {_id|doc_id, text, title?} or a SMART file.")
-    queries: str | None = Field(None, description="Queries file: JSONL/Parquet {_id|query_id, text|query}, TSV or SMART.")
+    path: str | None = Field(
+        None, description="The BEIR folder (format beir); another Cranfield copy (format cranfield)."
+    )
+    corpus: str | None = Field(
+        None, description="Corpus file: JSONL/Parquet {_id|doc_id, text, title?} or a SMART file."
+    )
+    queries: str | None = Field(
+        None, description="Queries file: JSONL/Parquet {_id|query_id, text|query}, TSV or SMART."
+    )
     qrels: str | None = Field(None, description="Judgments: TREC qrels (qid iter docid rel), BEIR TSV or SMART.")
     split: str = Field("test", description="BEIR qrels split: reads qrels/<split>.tsv.")
     title: Literal["prepend", "ignore"] = Field(
@@ -381,7 +423,7 @@ class EvalDataConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _paths(self) -> "EvalDataConfig":
+    def _paths(self) -> EvalDataConfig:
         if self.format == "beir" and not self.path:
             raise ValueError("data.format beir needs data.path (the folder holding corpus.jsonl)")
         if self.format in ("smart", "files"):
@@ -399,7 +441,9 @@ class BM25Config(_Strict):
     method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = Field(
         "lucene", description="bm25s scoring variant; lucene is what Elasticsearch/OpenSearch use."
     )
-    stopwords: Literal["english", "none"] = Field("english", description="Stop-word list removed from docs and queries.")
+    stopwords: Literal["english", "none"] = Field(
+        "english", description="Stop-word list removed from docs and queries."
+    )
 
 
 class FirstStageConfig(_Strict):
@@ -414,14 +458,16 @@ class FirstStageConfig(_Strict):
         description="Candidates kept per query (K_max). Default: the largest of k_values and n_grid. A deeper first "
         "stage costs nothing in scoring (only the top K are reranked) but more memory.",
     )
-    run: str | None = Field(None, description="TREC run file (kind run); ordered by score, ties by doc id descending, like trec_eval.")
+    run: str | None = Field(
+        None, description="TREC run file (kind run); ordered by score, ties by doc id descending, like trec_eval."
+    )
     bm25: BM25Config = Field(default_factory=BM25Config)
     model: ModelConfig | None = Field(
         None, description="Embedding model for kind dense (model.kind must be bi-encoder); embeds on the driver."
     )
 
     @model_validator(mode="after")
-    def _kind(self) -> "FirstStageConfig":
+    def _kind(self) -> FirstStageConfig:
         if self.kind == "run" and not self.run:
             raise ValueError("first_stage.kind run needs first_stage.run (a TREC run file)")
         if self.kind == "dense":
@@ -474,7 +520,9 @@ class EvalConfig(_Strict):
         "chunks the LLM gets), Success (hit@N: at least one relevant), nDCG or P (precision) at cutoff N.",
     )
     tolerance: float = Field(
-        0.0, ge=0, description="N_Reranked is the smallest N with quality >= first stage's quality at N_Base - tolerance."
+        0.0,
+        ge=0,
+        description="N_Reranked is the smallest N with quality >= first stage's quality at N_Base - tolerance.",
     )
     cost: EvalCostConfig = Field(default_factory=EvalCostConfig)
     report: EvalReportConfig = Field(default_factory=EvalReportConfig)
@@ -499,7 +547,7 @@ class EvalConfig(_Strict):
         return self.first_stage.depth or max(self.k_values + self.n_grid + self.n_base)
 
     @model_validator(mode="after")
-    def _depth(self) -> "EvalConfig":
+    def _depth(self) -> EvalConfig:
         need = max(self.k_values + self.n_grid + self.n_base)
         if self.first_stage.depth is not None and self.first_stage.depth < need:
             raise ValueError(

@@ -87,13 +87,11 @@ def print_sample(output_uri: str, queries: int = 2, rows: int = 3) -> None:
     from pipelines.evaluation.loaders import load_cranfield
 
     c = load_cranfield()
-    table = pds.dataset(output_uri, format="parquet").to_table().sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    table = (
+        pds.dataset(output_uri, format="parquet").to_table().sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    )
     print(f"\nResults: {output_uri} (Parquet: query_id, doc_id, rank, score, first_stage_rank)")
-    shown = 0
-    for qid in dict.fromkeys(table.column("query_id").to_pylist()):
-        if shown == queries:
-            break
-        shown += 1
+    for qid in list(dict.fromkeys(table.column("query_id").to_pylist()))[:queries]:
         print(f"\nquery {qid}: {c.queries[str(qid)]}")
         top = table.filter(pa.compute.equal(table.column("query_id"), qid)).slice(0, rows).to_pylist()
         for r in top:

@@ -85,7 +85,9 @@ def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
     if corpus and has_text:
         raise InputError(f"{where}: candidates carry text and input.corpus_uri is set; remove one of the two")
     if not corpus and not has_text:
-        raise InputError(f"{where}: no text in {source}; add a text column or set input.corpus_uri to join it from a corpus")
+        raise InputError(
+            f"{where}: no text in {source}; add a text column or set input.corpus_uri to join it from a corpus"
+        )
     if "first_stage_rank" in fields and not pa.types.is_integer(fields["first_stage_rank"]):
         raise InputError(f"{where}: first_stage_rank must be an integer, not {fields['first_stage_rank']}")
     if "first_stage_score" in fields and not (

@@ -128,9 +128,7 @@ class Scorer:
         kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
         self.tokenizer, num_labels = load_tokenizer_and_labels(config)
         if config.kind == "cross-encoder":
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                config.name_or_path, dtype=dtype, **kwargs
-            )
+            self.model = AutoModelForSequenceClassification.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
             self.num_labels: int | None = num_labels
         else:
             self.model = AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
@@ -189,9 +187,7 @@ class Scorer:
 
     def _score_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
         queries = self._cap_queries(queries)
-        enc = self.tokenizer(
-            queries, passages, truncation="only_second", max_length=self.max_length, padding=False
-        )
+        enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length, padding=False)
         input_ids = enc["input_ids"]
         extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
         out = np.empty(len(queries), dtype=np.float32)
@@ -280,4 +276,4 @@ def _positions(items: list[str], unique: list[str]) -> np.ndarray:
 
 def default_threads(num_cpus: float) -> int:
     """torch threads for an actor that reserved num_cpus (Ray sets OMP_NUM_THREADS=1 for fractional actors)."""
-    return max(1, min(os.cpu_count() or 1, int(round(num_cpus))))
+    return max(1, min(os.cpu_count() or 1, round(num_cpus)))

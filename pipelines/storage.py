@@ -47,7 +47,7 @@ class Storage:
     arrow_fs: pafs.FileSystem
 
     @classmethod
-    def for_uri(cls, uri: str, config: StorageConfig | None = None) -> "Storage":
+    def for_uri(cls, uri: str, config: StorageConfig | None = None) -> Storage:
         config = config or StorageConfig()
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         if protocol in ("s3", "s3a"):
@@ -64,7 +64,7 @@ class Storage:
     def path(self, uri: str) -> str:
         """The filesystem path of a URI: bucket/key for S3, an absolute path on local disk."""
         if self.protocol == "file":
-            return os.path.abspath(os.path.expanduser(uri[7:] if uri.startswith("file://") else uri))
+            return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
         return uri.split("://", 1)[1].rstrip("/")
 
     def uri(self, path: str) -> str:
@@ -93,9 +93,7 @@ class Storage:
                     raise InputError(f"input not found: {uri}")
             except InputError:
                 raise
-            except (OSError, ValueError, PermissionError) as err:
-                raise InputError(f"cannot list {uri}: {_short(err)}") from None
-            except Exception as err:  # botocore raises its own hierarchy (NoCredentialsError, ClientError ...)
+            except Exception as err:  # noqa: BLE001 - botocore raises its own hierarchy (NoCredentialsError ...)
                 raise InputError(f"cannot list {uri}: {_short(err)}") from None
             if not infos:
                 raise InputError(f"no Parquet files found at {uri}")
@@ -107,7 +105,7 @@ class Storage:
         try:
             with self.fs.open(path, "rb") as f:
                 return pq.read_schema(f)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - storage errors and ArrowInvalid alike mean "unusable file"
             raise InputError(f"cannot read Parquet schema of {self.uri(path)}: {_short(err)}") from None
 
     # ------------------------------------------------------------------ writing
@@ -121,7 +119,7 @@ class Storage:
                 raise OutputError(f"output.uri {uri} overlaps the input {self.uri(o)}; choose a separate folder")
         try:
             exists = self.fs.exists(path) and (not self.fs.isdir(path) or bool(self.fs.ls(path)))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
             raise OutputError(f"cannot access output {uri}: {_short(err)}") from None
         if exists and mode != "overwrite":
             raise OutputError(
@@ -191,4 +189,3 @@ def s3_options(config: StorageConfig) -> dict[str, Any]:
     # Listing right after a write must see the new objects; also avoids stale results between job stages.
     opts["use_listings_cache"] = False
     return opts
-

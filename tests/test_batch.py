@@ -85,15 +85,23 @@ def test_packed_layout_with_string_ids_and_rejects(ray_local, tmp_path, tiny_cro
     src = write_packed(df, tmp_path / "in")
     # A query whose candidate list is empty must be accounted for too.
     pq.write_table(
-        pa.table({"query_id": ["q-empty"], "query": ["heat"], "candidates": pa.array([[]], type=pq.read_schema(src / "part-0.parquet").field("candidates").type)}),
+        pa.table(
+            {
+                "query_id": ["q-empty"],
+                "query": ["heat"],
+                "candidates": pa.array([[]], type=pq.read_schema(src / "part-0.parquet").field("candidates").type),
+            }
+        ),
         src / "part-9.parquet",
     )
     summary = run_rerank(job(tmp_path, tiny_cross_encoder, src))
     out = read_output(tmp_path / "out")
     keep = df.index != bad_row
     ref = reference_top_n(df[keep], scores[keep], TOP_N)
-    assert_matches_reference(out.sort_values(["query_id", "rank"]).reset_index(drop=True),
-                             ref.sort_values(["query_id", "rank"]).reset_index(drop=True))
+    assert_matches_reference(
+        out.sort_values(["query_id", "rank"]).reset_index(drop=True),
+        ref.sort_values(["query_id", "rank"]).reset_index(drop=True),
+    )
     assert pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).field("query_id").type == pa.string()
     rejects = pq.read_table(tmp_path / "out" / "_rejects").to_pandas()
     assert sorted(rejects["reason"]) == ["empty_text", "no_candidates"]
@@ -160,7 +168,10 @@ def test_output_mode(ray_local, tmp_path, tiny_cross_encoder, pairs):
     [
         (pa.table({"query_id": [1], "doc_id": [1], "text": ["t"]}), "missing column 'query'"),
         (pa.table({"query_id": [1], "query": ["q"], "doc_id": [1]}), "no text in the table"),
-        (pa.table({"query_id": [1.5], "query": ["q"], "doc_id": [1], "text": ["t"]}), "query_id must be an integer or string"),
+        (
+            pa.table({"query_id": [1.5], "query": ["q"], "doc_id": [1], "text": ["t"]}),
+            "query_id must be an integer or string",
+        ),
         (pa.table({"query_id": [1], "query": ["q"], "candidates": [["a"]]}), "candidates must be list<struct"),
     ],
 )
@@ -178,8 +189,12 @@ def test_no_files_and_mismatched_files(tmp_path, tiny_cross_encoder):
     with pytest.raises(InputError, match="input not found"):
         run_rerank(job(tmp_path, tiny_cross_encoder, tmp_path / "nowhere"))
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.table({"query_id": [1], "query": ["q"], "doc_id": [1], "text": ["t"]}), tmp_path / "in" / "a.parquet")
-    pq.write_table(pa.table({"query_id": ["x"], "query": ["q"], "doc_id": [1], "text": ["t"]}), tmp_path / "in" / "b.parquet")
+    pq.write_table(
+        pa.table({"query_id": [1], "query": ["q"], "doc_id": [1], "text": ["t"]}), tmp_path / "in" / "a.parquet"
+    )
+    pq.write_table(
+        pa.table({"query_id": ["x"], "query": ["q"], "doc_id": [1], "text": ["t"]}), tmp_path / "in" / "b.parquet"
+    )
     with pytest.raises(InputError, match="does not match"):
         run_rerank(job(tmp_path, tiny_cross_encoder, tmp_path / "in"))
     (tmp_path / "in" / "b.parquet").write_bytes(b"not parquet at all")

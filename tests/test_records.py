@@ -52,14 +52,23 @@ def test_packed_explode_and_rejects():
     )
     layout = records.detect_layout(t.schema, "t", corpus=False)
     pairs, empty = records.explode_packed(t, layout)
-    assert pairs.to_pydict() == {"query_id": ["a", "a"], "query": ["heat", "heat"], "doc_id": [1, 2], "text": ["x", None]}
+    assert pairs.to_pydict() == {
+        "query_id": ["a", "a"],
+        "query": ["heat", "heat"],
+        "doc_id": [1, 2],
+        "text": ["x", None],
+    }
     assert empty.column("reason").to_pylist() == ["no_candidates", "no_candidates"]
     valid, bad = records.split_rejects(pairs, layout)
     assert valid.num_rows == 1 and bad.to_pylist() == [{"query_id": "a", "doc_id": 2, "reason": "empty_text"}]
 
 
 def test_non_finite_scores_are_rejected():
-    layout = records.detect_layout(pa.schema([("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.int64()), ("text", pa.string())]), "t", False)
+    layout = records.detect_layout(
+        pa.schema([("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.int64()), ("text", pa.string())]),
+        "t",
+        False,
+    )
     t = scored([1, 1, 1], [1, 2, 3], [0.5, float("nan"), float("inf")])
     valid, bad = records.split_non_finite(t, layout)
     assert valid.column("doc_id").to_pylist() == [1]
@@ -69,10 +78,32 @@ def test_non_finite_scores_are_rejected():
 @pytest.mark.parametrize(
     "schema, corpus, message",
     [
-        ([("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.int64()), ("text", pa.string())], True, "remove one of the two"),
-        ([("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.float64()), ("text", pa.string())], False, "doc_id must be"),
-        ([("query_id", pa.int64()), ("query", pa.int64()), ("doc_id", pa.int64()), ("text", pa.string())], False, "query must be a string"),
-        ([("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.int64()), ("text", pa.string()), ("first_stage_rank", pa.string())], False, "first_stage_rank must be an integer"),
+        (
+            [("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.int64()), ("text", pa.string())],
+            True,
+            "remove one of the two",
+        ),
+        (
+            [("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.float64()), ("text", pa.string())],
+            False,
+            "doc_id must be",
+        ),
+        (
+            [("query_id", pa.int64()), ("query", pa.int64()), ("doc_id", pa.int64()), ("text", pa.string())],
+            False,
+            "query must be a string",
+        ),
+        (
+            [
+                ("query_id", pa.int64()),
+                ("query", pa.string()),
+                ("doc_id", pa.int64()),
+                ("text", pa.string()),
+                ("first_stage_rank", pa.string()),
+            ],
+            False,
+            "first_stage_rank must be an integer",
+        ),
     ],
 )
 def test_layout_errors(schema, corpus, message):

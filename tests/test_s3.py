@@ -46,7 +46,7 @@ def put_table(fs, path, df):
 
 
 def read_table(fs, folder) -> pd.DataFrame:
-    files = [p for p in fs.find(folder) if p.endswith(".parquet") and "/_" not in p[len(folder):]]
+    files = [p for p in fs.find(folder) if p.endswith(".parquet") and "/_" not in p[len(folder) :]]
     frames = [pq.read_table(io.BytesIO(fs.cat(p))).to_pandas() for p in files]
     return pd.concat(frames).sort_values(["query_id", "rank"]).reset_index(drop=True)
 

@@ -11,9 +11,7 @@ from pipelines.errors import ConfigError
 from pipelines.scoring import Scorer, describe_model
 
 QUERIES = ["what is the boundary layer", "heat transfer at mach 3", "shock wave on a wing"] * 4
-PASSAGES = [
-    "the boundary layer of a wing in supersonic flow " * (1 + i % 5) + f"case {i}" for i in range(len(QUERIES))
-]
+PASSAGES = ["the boundary layer of a wing in supersonic flow " * (1 + i % 5) + f"case {i}" for i in range(len(QUERIES))]
 
 
 def test_cross_encoder_matches_sentence_transformers(tiny_cross_encoder):
@@ -69,7 +67,12 @@ def test_truncation_cuts_the_passage_not_the_query(tiny_cross_encoder):
 def test_templates_are_applied(tiny_cross_encoder):
     plain = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128))
     templ = Scorer(
-        ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, query_template="question:{query}", passage_template="passage:{text}")
+        ModelConfig(
+            name_or_path=tiny_cross_encoder,
+            max_length=128,
+            query_template="question:{query}",
+            passage_template="passage:{text}",
+        )
     )
     expected = plain.score(["question:" + q for q in QUERIES], ["passage:" + p for p in PASSAGES])
     np.testing.assert_allclose(templ.score(QUERIES, PASSAGES), expected, atol=1e-6)

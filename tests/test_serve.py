@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import requests
 
 from pipelines.config import ModelConfig, ServeAppConfig, validate_config
 from pipelines.errors import ConfigError
+from tests.ports import free_port, port_open
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = "what is the boundary layer of a supersonic wing"
@@ -35,27 +35,16 @@ DOCS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"`rerank serve` exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
         try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+            res = requests.get(f"{url}/health", timeout=2)
+            if res.status_code == 200 and res.json().get("status") == "ok":  # our service, not another server
                 return
-        except (requests.ConnectionError, requests.Timeout):
+        except (requests.ConnectionError, requests.Timeout, ValueError):
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url}/health not ready after {timeout} s")
@@ -159,7 +148,7 @@ def test_cli_serves_with_api_key_and_stops_cleanly(model_path, scorer):
     """The user's path: `rerank serve conf/serve.yaml --set ...` with RERANK_API_KEY, then Ctrl-C."""
     import cohere
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, RERANK_API_KEY="s3cret", PYTHONPATH=str(ROOT), RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [
@@ -196,7 +185,7 @@ def test_cli_serves_with_api_key_and_stops_cleanly(model_path, scorer):
     assert proc.returncode == 0, out[-3000:]
     assert "service stopped" in out
     assert "Traceback" not in out, out[-3000:]
-    assert not _port_open(port)
+    assert not port_open(port)
 
 
 # ---------------------------------------------------------------------------------------------- in-process
@@ -215,7 +204,7 @@ def service(model_path):
 
     from pipelines.serve import start_service
 
-    port = _free_port()
+    port = free_port()
     config = validate_config(
         ServeAppConfig,
         {
@@ -529,9 +518,9 @@ def test_shutdown_frees_the_port(service):
     from ray import serve
 
     _, _, port = service
-    assert _port_open(port)
+    assert port_open(port)
     serve.shutdown()
     deadline = time.monotonic() + 30
-    while _port_open(port) and time.monotonic() < deadline:
+    while port_open(port) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _port_open(port)
+    assert not port_open(port)
