@@ -97,6 +97,12 @@ class Storage:
                 raise InputError(f"cannot list {uri}: {_short(err)}") from None
             if not infos:
                 raise InputError(f"no Parquet files found at {uri}")
+            others = sorted(p for p in infos if not p.endswith(".parquet"))
+            if others:
+                raise InputError(
+                    f"{self.uri(others[0])} does not end in .parquet: Ray Data reads only *.parquet files; "
+                    "rename the files or narrow input.uri"
+                )
             for p, info in infos.items():
                 found[p.rstrip("/")] = int(info.get("size") or 0)
         return sorted(found.items())

@@ -200,3 +200,13 @@ def test_no_files_and_mismatched_files(tmp_path, tiny_cross_encoder):
     (tmp_path / "in" / "b.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="cannot read Parquet schema of .*b.parquet"):
         run_rerank(job(tmp_path, tiny_cross_encoder, tmp_path / "in"))
+
+
+def test_glob_and_file_names(ray_local, tmp_path, tiny_cross_encoder, pairs, scores):
+    src = write_flat(pairs, tmp_path / "in", files=2)
+    (src / "notes.txt").write_text("not matched by the glob")
+    run_rerank(job(tmp_path, tiny_cross_encoder, f"{src}/part-*.parquet"))
+    assert_matches_reference(read_output(tmp_path / "out"), reference_top_n(pairs, scores, TOP_N))
+    (src / "part-0.parquet").rename(src / "part-0.pq")
+    with pytest.raises(InputError, match=r"part-0.pq does not end in .parquet"):
+        run_rerank(job(tmp_path, tiny_cross_encoder, f"{src}/part-*", output__mode="overwrite"))
