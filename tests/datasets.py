@@ -9,23 +9,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = [
-    "flow",
-    "boundary",
-    "layer",
-    "pressure",
-    "heat",
-    "transfer",
-    "wing",
-    "supersonic",
-    "mach",
-    "number",
-    "shock",
-    "wave",
-    "the",
-    "of",
-    "a",
-]
+WORDS = (  # noqa: SIM905
+    "flow boundary layer pressure heat transfer wing supersonic mach number shock wave the of a"
+).split()
 
 
 def make_pairs(num_queries: int = 12, per_query: int = 9, seed: int = 0, str_query_ids: bool = False) -> pd.DataFrame:

@@ -8,50 +8,11 @@ from pathlib import Path
 
 import torch
 
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "for",
-    "on",
-    "with",
-    "by",
-    "at",
-    "from",
-    "as",
-    "that",
-    "this",
-    "are",
-    "be",
-    "an",
-    "or",
-    "it",
-    "which",
-    "flow",
-    "boundary",
-    "layer",
-    "pressure",
-    "heat",
-    "transfer",
-    "wing",
-    "supersonic",
-    "mach",
-    "number",
-    "shock",
-    "wave",
-    "what",
-    "how",
-    "ray",
-    "data",
-    "model",
-    "rank",
-    "query",
-    "passage",
-]
+WORDS = (  # noqa: SIM905
+    "the of and a to in is for on with by at from as that this are be an or it which flow boundary "
+    "layer pressure heat transfer wing supersonic mach number shock wave what how ray data model "
+    "rank query passage"
+).split()
 
 
 def _write_tokenizer(path: Path) -> None:
