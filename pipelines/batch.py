@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from pipelines import records
 from pipelines.config import ModelConfig, RerankJobConfig, StorageConfig
 from pipelines.errors import InputError
-from pipelines.records import PACKED, InputLayout
+from pipelines.records import FLAT, PACKED, InputLayout
 from pipelines.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _schemas(storage: Storage, files: list[str]) -> list[pa.Schema]:
         return list(pool.map(storage.read_schema, files))
 
 
-def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[tuple[str, int]], InputLayout]:
+def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[tuple[str, int]], InputLayout, pa.Schema]:
     """List the input files and check that every one has the same usable layout."""
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
     storage = Storage.for_uri(uris[0], config.storage)
@@ -186,7 +186,7 @@ def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[tuple[str, int
                 f"{storage.uri(path)} does not match {storage.uri(paths[0])}: {other} vs {layout}; "
                 "all input files must share one layout and id types"
             )
-    return storage, files, layout
+    return storage, files, layout, schemas[0]
 
 
 def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[tuple[str, int]]]:
@@ -254,6 +254,7 @@ class JobPlan:
     storage: Storage
     files: list[tuple[str, int]]
     layout: InputLayout
+    schema: pa.Schema
     corpus: tuple[Storage, list[tuple[str, int]]] | None
     model: dict[str, Any]
     out_storage: Storage
@@ -268,7 +269,7 @@ def plan_rerank(config: RerankJobConfig) -> JobPlan:
     """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem."""
     from pipelines.scoring import describe_model
 
-    storage, files, layout = inspect_input(config)
+    storage, files, layout, schema = inspect_input(config)
     corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
     model = describe_model(config.model)
     out_storage = Storage.for_uri(config.output.uri, config.storage)
@@ -276,7 +277,7 @@ def plan_rerank(config: RerankJobConfig) -> JobPlan:
     out_path = out_storage.check_output(
         config.output.uri, config.output.mode, protect if out_storage.protocol == storage.protocol else []
     )
-    return JobPlan(config, storage, files, layout, corpus, model, out_storage, out_path)
+    return JobPlan(config, storage, files, layout, schema, corpus, model, out_storage, out_path)
 
 
 def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSummary:
@@ -307,7 +308,16 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
     sink = RejectSink(config.output.uri, config.storage)
     counts = ray.remote(num_cpus=0)(Counts).remote()
     packed_direct = layout.layout == PACKED and corpus is None
-    ds = ray.data.read_parquet(paths, filesystem=storage.arrow_fs)
+    # Only the columns the job uses: less I/O. For flat input the schema of those columns (checked equal in every
+    # file by the plan) is given too, so extra columns whose types differ between files do not matter.
+    read_args: dict[str, Any] = {"columns": ["query_id", "query", "candidates"]}
+    if layout.layout == FLAT:
+        read_args["columns"] = records.pair_columns(layout, layout.has_text)
+        read_args["schema"] = pa.schema([plan.schema.field(c) for c in read_args["columns"]])
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=storage.arrow_fs, **read_args)
+    except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
+        raise _as_input_error(err) from None
     if packed_direct:
         rows_per_call = max(1, int(scale["batch_rows"] / _mean_candidates(storage, paths[0])))
     else:
@@ -413,7 +423,7 @@ def _reject_files(storage: Storage, out_path: str) -> list[str]:
 def _as_input_error(err: Exception) -> Exception:
     """Schema conflicts between input files surface deep inside Ray; name them for the user."""
     text = str(err)
-    for marker in ("Unable to merge", "Schema at index", "unify", "schema", "ArrowInvalid", "ArrowTypeError"):
+    for marker in ("Unable to merge", "Schema at index", "unify schemas", "incompatible types"):
         if marker in text:
             first = next((ln for ln in text.splitlines() if marker in ln), text.splitlines()[-1])
             return InputError(f"the input files cannot be read as one table: {first.strip()[:300]}")

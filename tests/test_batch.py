@@ -210,3 +210,14 @@ def test_glob_and_file_names(ray_local, tmp_path, tiny_cross_encoder, pairs, sco
     (src / "part-0.parquet").rename(src / "part-0.pq")
     with pytest.raises(InputError, match=r"part-0.pq does not end in .parquet"):
         run_rerank(job(tmp_path, tiny_cross_encoder, f"{src}/part-*", output__mode="overwrite"))
+
+
+def test_extra_columns_may_differ_between_files(ray_local, tmp_path, tiny_cross_encoder, pairs, scores):
+    """Only the job's columns are read: a column it ignores may have another type in each file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    half = len(pairs) // 2
+    for i, (part, meta) in enumerate([(pairs.iloc[:half], 1), (pairs.iloc[half:], "x")]):
+        pq.write_table(pa.Table.from_pandas(part.assign(meta=meta), preserve_index=False), src / f"p{i}.parquet")
+    run_rerank(job(tmp_path, tiny_cross_encoder, src))
+    assert_matches_reference(read_output(tmp_path / "out"), reference_top_n(pairs, scores, TOP_N))
