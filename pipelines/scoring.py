@@ -154,16 +154,37 @@ class Scorer:
     # ------------------------------------------------------------------ public API
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
-        """Scores aligned lists of queries and passages; returns float32 of the same length."""
+        """Scores aligned lists of queries and passages, model.activation applied; float32 of the same length."""
+        if self.config.kind == "bi-encoder":
+            q, p = self._formatted(queries, passages)
+            return self._score_bi(q, p) if q else np.zeros(0, dtype=np.float32)
+        return self.from_logits(self.logits(queries, passages))
+
+    def logits(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        """A cross-encoder's logits, float32 [n, num_labels]; `from_logits` turns them into scores."""
+        if self.config.kind != "cross-encoder":
+            raise ConfigError("logits() needs model.kind: cross-encoder")
+        q, p = self._formatted(queries, passages)
+        if not q:
+            return np.zeros((0, self.num_labels or 1), dtype=np.float32)
+        return self._logits_cross(q, p)
+
+    def from_logits(self, logits: np.ndarray, activation: str | None = None) -> np.ndarray:
+        """Scores from logits: the logit (of the positive class for 2 labels), or with activation "sigmoid" a
+        probability (softmax of the positive class for 2 labels). Defaults to model.activation."""
+        activation = activation or self.config.activation
+        logits = np.asarray(logits, dtype=np.float32)
+        if self.num_labels == 1:
+            score = logits[:, 0]
+            return _sigmoid(score) if activation == "sigmoid" else score
+        return _sigmoid(logits[:, 1] - logits[:, 0]) if activation == "sigmoid" else logits[:, 1]
+
+    def _formatted(self, queries: Sequence[str], passages: Sequence[str]) -> tuple[list[str], list[str]]:
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
-        if not len(queries):
-            return np.zeros(0, dtype=np.float32)
         q = [self.config.query_template.format(query=x) for x in queries]
         p = [self.config.passage_template.format(text=x) for x in passages]
-        if self.config.kind == "bi-encoder":
-            return self._score_bi(q, p)
-        return self._score_cross(q, p)
+        return q, p
 
     def rank(self, query: str, passages: Sequence[str], top_n: int | None = None) -> list[tuple[int, float]]:
         """(index, score) pairs best first; ties keep input order."""
@@ -185,29 +206,20 @@ class Scorer:
                 capped[text] = self.tokenizer.decode(tok[: self.max_query_length])
         return [capped.get(x, x) for x in queries] if capped else queries
 
-    def _score_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
+    def _logits_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
         queries = self._cap_queries(queries)
         enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length, padding=False)
         input_ids = enc["input_ids"]
         extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
-        out = np.empty(len(queries), dtype=np.float32)
+        out = np.empty((len(queries), self.num_labels or 1), dtype=np.float32)
         for idx in self._micro_batches([len(x) for x in input_ids]):
             features = {"input_ids": [input_ids[i] for i in idx]}
             for k, v in extra.items():
                 features[k] = [v[i] for i in idx]
             batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
             with torch.inference_mode():
-                logits = self.model(**batch).logits.float()
-            out[idx] = self._logits_to_scores(logits).cpu().numpy()
+                out[idx] = self.model(**batch).logits.float().cpu().numpy()
         return out
-
-    def _logits_to_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.num_labels == 1:
-            score = logits[:, 0]
-            return torch.sigmoid(score) if self.config.activation == "sigmoid" else score
-        if self.config.activation == "sigmoid":
-            return torch.softmax(logits, dim=-1)[:, 1]
-        return logits[:, 1]
 
     # ------------------------------------------------------------------ bi-encoder
 
@@ -267,6 +279,11 @@ class Scorer:
         order = np.argsort(-np.asarray(lengths), kind="stable")
         bs = self.config.batch_size
         return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Overflow-free logistic function, float32."""
+    return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(np.float32)
 
 
 def _positions(items: list[str], unique: list[str]) -> np.ndarray:

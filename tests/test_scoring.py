@@ -40,6 +40,11 @@ def test_two_label_cross_encoder_scores_positive_class(tiny_cross_encoder_2label
     prob = Scorer(ModelConfig(name_or_path=tiny_cross_encoder_2labels, max_length=128, activation="sigmoid"))
     expected = torch.softmax(torch.tensor(logits), dim=-1)[:, 1].numpy()
     np.testing.assert_allclose(prob.score(QUERIES, PASSAGES), expected, atol=1e-4)
+    # The service derives both numbers from one forward pass: the same as the batch job's two activations.
+    logits = prob.logits(QUERIES, PASSAGES)
+    assert logits.shape == (len(QUERIES), 2)
+    np.testing.assert_allclose(prob.from_logits(logits, "none"), got, atol=1e-6)
+    np.testing.assert_allclose(prob.from_logits(logits, "sigmoid"), prob.score(QUERIES, PASSAGES), atol=1e-6)
 
 
 def test_order_and_batching_do_not_change_scores(tiny_cross_encoder):

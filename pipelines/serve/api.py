@@ -7,8 +7,9 @@ Each API keeps its own request shape, defaults and score normalisation, so its e
 - NVIDIA NeMo Retriever reranking NIM (``POST /v1/ranking``): ``logit``, the raw score.
 
 The raw score is ``Scorer.score`` with ``activation: none``, the batch job's number for the same pair. The [0, 1]
-scores are the sigmoid of the raw logit for a cross-encoder (what ``activation: sigmoid`` gives the batch job
-for a one-label model) and (cosine + 1) / 2 for a bi-encoder. Results are best first; ties keep input order.
+scores are what ``activation: sigmoid`` gives the batch job for a cross-encoder (the sigmoid of the logit; for a
+two-label model the softmax probability of the positive class) and (cosine + 1) / 2 for a bi-encoder. Results
+are ranked by the raw score, best first; ties keep input order.
 
 Unknown request fields are ignored (clients send API-specific extras such as ``rank_fields``); known fields are
 validated and a bad one is answered 4xx with a message that names it.
@@ -204,12 +205,9 @@ def check_texts(
 # ------------------------------------------------------------------------------------------------ responses
 
 
-def normalise(raw: np.ndarray, kind: str) -> np.ndarray:
-    """Raw scores -> [0, 1]: sigmoid of a cross-encoder's logit, (cosine + 1) / 2 for a bi-encoder."""
-    x = np.asarray(raw, dtype=np.float64)
-    if kind == "bi-encoder":
-        return np.clip((x + 1.0) / 2.0, 0.0, 1.0)
-    return 1.0 / (1.0 + np.exp(-x))
+def cosine_to_unit(raw: np.ndarray) -> np.ndarray:
+    """A bi-encoder's cosine in [-1, 1] -> [0, 1]."""
+    return np.clip((np.asarray(raw, dtype=np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def best_first(raw: np.ndarray, top_n: int | None = None) -> np.ndarray:
@@ -219,14 +217,15 @@ def best_first(raw: np.ndarray, top_n: int | None = None) -> np.ndarray:
 
 def cohere_response(
     raw: np.ndarray,
+    unit: np.ndarray,
     texts: list[str],
     *,
-    kind: str,
     top_n: int | None,
     return_documents: bool,
     api_version: str,
 ) -> dict[str, Any]:
-    scores = normalise(raw, kind)
+    """raw orders the results; unit (the [0, 1] score) is reported."""
+    scores = unit
     results = []
     for i in best_first(raw, top_n):
         item: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
@@ -241,9 +240,9 @@ def cohere_response(
 
 
 def tei_response(
-    raw: np.ndarray, texts: list[str], *, kind: str, raw_scores: bool, return_text: bool
+    raw: np.ndarray, unit: np.ndarray, texts: list[str], *, raw_scores: bool, return_text: bool
 ) -> list[dict[str, Any]]:
-    scores = np.asarray(raw, dtype=np.float64) if raw_scores else normalise(raw, kind)
+    scores = raw if raw_scores else unit
     out = []
     for i in best_first(raw):
         item: dict[str, Any] = {"index": int(i), "score": float(scores[i])}

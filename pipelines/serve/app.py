@@ -36,6 +36,7 @@ from pipelines.serve.api import (
     TEIRerankRequest,
     check_texts,
     cohere_response,
+    cosine_to_unit,
     nim_response,
     tei_response,
     validation_error,
@@ -263,8 +264,8 @@ class RerankService:
         self._check(body.query, body.texts, query_field="query", texts_field="texts")
         if not body.truncate:
             await self._check_lengths(body.query, body.texts, "query", "texts", "", "send truncate: true to cut it")
-        raw = await self._score(body.query, body.texts)
-        return tei_response(raw, body.texts, kind=self.kind, raw_scores=body.raw_scores, return_text=body.return_text)
+        raw, unit = await self._score(body.query, body.texts)
+        return tei_response(raw, unit, body.texts, raw_scores=body.raw_scores, return_text=body.return_text)
 
     @app.post("/v1/ranking")
     async def nim(self, body: NIMRankingRequest) -> dict[str, Any]:
@@ -274,7 +275,7 @@ class RerankService:
             await self._check_lengths(
                 body.query.text, texts, "query.text", "passages", ".text", 'send truncate: "END" to cut it'
             )
-        raw = await self._score(body.query.text, texts)
+        raw, _ = await self._score(body.query.text, texts)
         return nim_response(raw)
 
     # ------------------------------------------------------------------ handle-only
@@ -287,11 +288,11 @@ class RerankService:
 
     async def _cohere(self, body: CohereRerankRequest, api_version: str) -> dict[str, Any]:
         self._check(body.query, body.documents, query_field="query", texts_field="documents")
-        raw = await self._score(body.query, body.documents)
+        raw, unit = await self._score(body.query, body.documents)
         return cohere_response(
             raw,
+            unit,
             body.documents,
-            kind=self.kind,
             top_n=body.top_n,
             return_documents=body.return_documents,
             api_version=api_version,
@@ -335,8 +336,9 @@ class RerankService:
                 return i, n, limit
         return None
 
-    async def _score(self, query: str, texts: list[str]) -> np.ndarray:
-        """Raw scores of (query, text) pairs in input order, scored in batches shared with other requests."""
+    async def _score(self, query: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(raw, [0, 1]) scores of (query, text) pairs in input order, scored in batches shared with other
+        requests: the raw score is the batch job's with activation none, the [0, 1] one its activation sigmoid."""
         s = self.config.serve
         n = len(texts)
         if self._pending_pairs and self._pending_pairs + n > s.max_queued_pairs:
@@ -358,14 +360,23 @@ class RerankService:
             )
         finally:
             self._pending_pairs -= n
-        return np.concatenate(parts)
+        out = np.concatenate(parts)
+        if self.kind == "bi-encoder":
+            return out[:, 0], cosine_to_unit(out[:, 0])
+        return self.scorer.from_logits(out, "none"), self.scorer.from_logits(out, "sigmoid")
+
+    def _model_outputs(self, queries: list[str], passages: list[str]) -> np.ndarray:
+        if self.kind == "bi-encoder":
+            return self.scorer.score(queries, passages)[:, None]
+        return self.scorer.logits(queries, passages)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_pairs_in)
     async def _score_chunks(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         queries = [c.query for c in chunks for _ in c.texts]
         passages = [t for c in chunks for t in c.texts]
         loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self._model_pool, self.scorer.score, queries, passages)
+        # Cross-encoders hand back their logits, so each API can take the raw score or the probability.
+        scores = await loop.run_in_executor(self._model_pool, self._model_outputs, queries, passages)
         n_requests = len({c.request_id for c in chunks})
         st = self._stats
         st["batches"] += 1
