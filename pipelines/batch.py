@@ -406,18 +406,11 @@ def _count_output(storage: Storage, out_path: str, summary: JobSummary) -> None:
         summary.rows_written += len(rank)
         summary.queries += pc.sum(pc.equal(rank, 1)).as_py() or 0
     reasons: dict[str, int] = {}
-    for path in _reject_files(storage, out_path):
+    for path in storage.parquet_files(out_path + "/_rejects"):
         for item in pc.value_counts(storage.read_column(path, "reason")).to_pylist():
             reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
     summary.rejected_by_reason = dict(sorted(reasons.items()))
     summary.rejected = sum(reasons.values())
-
-
-def _reject_files(storage: Storage, out_path: str) -> list[str]:
-    folder = out_path + "/_rejects"
-    if not storage.fs.exists(folder):
-        return []
-    return sorted(p for p in storage.fs.find(folder) if p.endswith(".parquet"))
 
 
 def _as_input_error(err: Exception) -> Exception:

@@ -71,14 +71,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def _register_builtin() -> None:
-    def run_args(p: argparse.ArgumentParser) -> None:
-        _add_config_args(p)
-
     def demo_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--output", default="rerank-output/demo", help="where to write the demo results")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    COMMANDS["run"] = ("rerank Parquet candidates with a model, top-N per query out", run_args, _cmd_run)
+    COMMANDS["run"] = ("rerank Parquet candidates with a model, top-N per query out", _add_config_args, _cmd_run)
     COMMANDS["demo"] = ("run the batch job on the bundled Cranfield data with the offline MiniLM", demo_args, _cmd_demo)
 
 

@@ -6,6 +6,7 @@ Pairs are sorted by token length into micro-batches so that padding stays small,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -137,13 +138,18 @@ class Scorer:
         self.max_length = min(config.max_length, self._model_max_positions())
         self.max_query_length = config.max_query_length or self.max_length // 2
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.info = ModelInfo(
-            name_or_path=config.name_or_path,
-            kind=config.kind,
-            revision=model_fingerprint(config.name_or_path, config.revision),
+
+    @functools.cached_property
+    def info(self) -> ModelInfo:
+        """Computed on first use: the fingerprint of a local folder hashes its files, which batch actors never
+        need (the job's driver records it once)."""
+        return ModelInfo(
+            name_or_path=self.config.name_or_path,
+            kind=self.config.kind,
+            revision=model_fingerprint(self.config.name_or_path, self.config.revision),
             num_labels=self.num_labels,
             device=str(self.device),
-            dtype=config.dtype,
+            dtype=self.config.dtype,
         )
 
     def _model_max_positions(self) -> int:
