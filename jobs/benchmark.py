@@ -78,7 +78,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from pipelines.cli import connect_ray
+    from pipelines.ray_runtime import connect
     from pipelines.demo import write_cranfield_candidates
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -109,7 +109,7 @@ def main() -> None:
     from pipelines.batch import run_rerank
     from pipelines.config import RerankJobConfig, apply_overrides, validate_config
 
-    connect_ray()
+    connect()
     for variant in args.ray_config or [""]:
         overrides = [o for o in variant.split(",") if o]
         for r in range(args.repeat):

@@ -8,32 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
-from pipelines.config import RayConfig
 from pipelines.errors import RerankError
+from pipelines.ray_runtime import connect
 
 log = logging.getLogger("rerank")
-
-
-def connect_ray(ray_config: RayConfig | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray for this process.
-
-    Locally Ray gets a few more logical CPUs than cores: an actor pool holding every CPU would otherwise starve
-    the read tasks feeding it, and the job would hang on small machines.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    cores = os.cpu_count() or 2
-    num_cpus = (ray_config.num_cpus if ray_config and ray_config.num_cpus else None) or cores + 2
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -54,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(RerankJobConfig, args.config, args.overrides)
     plan = plan_rerank(config)  # every input, model and output check before Ray starts
-    connect_ray(config.ray)
+    connect(config.ray)
     summary = run_rerank(config, plan)
     print(summary.one_line(), flush=True)
     return 0
@@ -63,7 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    connect_ray()
+    connect()
     return run_demo(args.output, args.overrides)
 
 

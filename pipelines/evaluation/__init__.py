@@ -42,12 +42,12 @@ def __getattr__(name: str) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.cli import connect_ray
+    from pipelines.ray_runtime import connect
     from pipelines.config import EvalConfig, load_config
     from pipelines.evaluation.sweep import run_eval
 
     config = load_config(EvalConfig, args.config, args.overrides)
-    connect_ray(config.ray)
+    connect(config.ray)
     result = run_eval(config)
     print(result.markdown)
     print(f"report: {result.report_dir}/report.json, report.md, quality_vs_tokens.png, runs/")

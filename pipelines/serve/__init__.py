@@ -149,18 +149,18 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.cli import connect_ray
     from pipelines.config import load_config
+    from pipelines.ray_runtime import connect
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
     # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
-    owns_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    owns_ray = False
     # Explicit handlers: a process started in the background inherits an ignored SIGINT.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = False
     try:
-        connect_ray(config.ray)
+        owns_ray = connect(config.ray)
         start_service(config)
         started = True
         s = config.serve
