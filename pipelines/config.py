@@ -49,9 +49,33 @@ class ModelConfig(_Strict):
     max_query_length: int | None = Field(
         None, ge=4, description="Max tokens kept of a query (default: half of max_length) so a passage always fits."
     )
-    batch_size: int = Field(32, ge=1, description="Pairs per forward pass (micro-batch), sorted by token length.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weights and activations dtype; float16/bfloat16 are for GPUs."
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description="Upper bound on pairs per forward pass; the usual limit is max_batch_tokens. Pairs are sorted "
+        "by token length first, so a micro-batch holds pairs of similar length.",
+    )
+    max_batch_tokens: int | Literal["auto"] = Field(
+        "auto",
+        description="Padded tokens per forward pass (pairs x the longest of them): micro-batches are filled up to "
+        "it. auto: 4096 on CPU, 16384 on a GPU. A pair longer than it still runs, alone.",
+    )
+    backend: Literal["torch", "onnx", "openvino"] = Field(
+        "torch",
+        description="torch (SDPA attention), onnx (ONNX Runtime, CPU) or openvino (CPU). onnx and openvino export "
+        "the model once into cache_dir.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        "float32",
+        description="Compute precision. torch: float32; bfloat16 (CPU: autocast, weights stay float32; GPU: "
+        "weights); float16 (GPU only). onnx: float32, int8 (dynamic quantisation). openvino: float32, bfloat16 "
+        "(precision hint), int8 (static quantisation calibrated on the bundled Cranfield). Other combinations are "
+        "refused before the job starts.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for exported/quantised models (onnx, openvino); default $RERANK_CACHE_DIR or "
+        "~/.cache/rerank. Each export happens once per model, backend and dtype, under a file lock.",
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
     activation: Literal["none", "sigmoid"] = Field(
@@ -72,6 +96,13 @@ class ModelConfig(_Strict):
     embedding_cache: int = Field(
         20_000, ge=0, description="bi-encoder only: passage embeddings each model copy keeps (LRU); 0 disables."
     )
+
+    @field_validator("max_batch_tokens")
+    @classmethod
+    def _budget(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 16:
+            raise ValueError("must be at least 16 tokens, or auto")
+        return v
 
     @field_validator("query_template")
     @classmethod

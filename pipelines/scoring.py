@@ -1,7 +1,9 @@
 """The model: one Scorer for the batch job, the service and the evaluation, so their scores agree.
 
-No Ray here. A Scorer loads a Hugging Face model once and turns (query, passage) pairs into float32 scores.
-Pairs are sorted by token length into micro-batches so that padding stays small, then put back in order.
+No Ray here. A Scorer loads a model once (through a backend of pipelines.backends: torch, ONNX Runtime or
+OpenVINO) and turns (query, passage) pairs into float32 scores. The pairs of a call are tokenised in blocks on a
+background thread, one block ahead of the model; each block is sorted by token length and cut into micro-batches
+filled up to a token budget (padded tokens counted), handed to the model as int32 arrays, then put back in order.
 """
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ import functools
 import hashlib
 import logging
 import os
-from collections import OrderedDict
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipelines import backends
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Pairs tokenised per step of the pipeline: the background thread tokenises block k+1 while the model runs
+#: block k. Pairs are sorted by length within a block, so larger blocks pad less and overlap later.
+BLOCK_ROWS = 1024
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,6 +52,8 @@ class ModelInfo:
     num_labels: int | None
     device: str
     dtype: str
+    backend: str = "torch"
+    max_batch_tokens: int = 0
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> str:
@@ -96,16 +105,35 @@ def load_tokenizer_and_labels(config: ModelConfig):
     return tokenizer, num_labels
 
 
+def plan_device(config: ModelConfig) -> torch.device:
+    """The device the model will run on, as far as a driver can tell (it may itself have no GPU)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def max_batch_tokens(config: ModelConfig, device: torch.device) -> int:
+    if config.max_batch_tokens == "auto":
+        return backends.default_max_batch_tokens(device)
+    return int(config.max_batch_tokens)
+
+
 def describe_model(config: ModelConfig) -> dict:
-    """Name, kind and revision (or content hash) of a model, validated but not loaded."""
+    """Name, kind and revision (or content hash) of a model, validated but not loaded: an unsupported
+    backend/dtype/device combination is a ConfigError here, before any cluster time is spent."""
+    device = plan_device(config)
+    for warning in backends.check_backend(config, device):
+        log.warning(warning)
     _, num_labels = load_tokenizer_and_labels(config)
     return {
         "name_or_path": config.name_or_path,
         "kind": config.kind,
         "revision": model_fingerprint(config.name_or_path, config.revision),
         "num_labels": num_labels,
+        "backend": config.backend,
         "dtype": config.dtype,
         "max_length": config.max_length,
+        "max_batch_tokens": max_batch_tokens(config, device),
     }
 
 
@@ -117,27 +145,21 @@ class Scorer:
     """
 
     def __init__(self, config: ModelConfig):
-        from transformers import AutoModel, AutoModelForSequenceClassification
-
         self.config = config
         self.device = resolve_device(config.device)
-        dtype = _DTYPES[config.dtype]
-        if self.device.type == "cpu" and dtype != torch.float32:
-            log.warning("model.dtype=%s on CPU is slow or unsupported; consider float32", config.dtype)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
         self.tokenizer, num_labels = load_tokenizer_and_labels(config)
-        if config.kind == "cross-encoder":
-            self.model = AutoModelForSequenceClassification.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
-            self.num_labels: int | None = num_labels
-        else:
-            self.model = AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
-            self.num_labels = None
-        self.model.to(self.device).eval()
-        self.max_length = min(config.max_length, self._model_max_positions())
+        self.num_labels: int | None = num_labels if config.kind == "cross-encoder" else None
+        limit = min(config.max_length, _max_positions(self.tokenizer, None))
+        self.backend = backends.load_backend(config, self.device, self.tokenizer, limit)
+        self.max_length = min(config.max_length, _max_positions(self.tokenizer, self.backend.hf_config))
         self.max_query_length = config.max_query_length or self.max_length // 2
+        self.max_batch_tokens = max_batch_tokens(config, self.device)
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._tokenize_pool: ThreadPoolExecutor | None = None
+        self._forward_lock = threading.Lock()
+        self.stats = {"forward_passes": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
 
     @functools.cached_property
     def info(self) -> ModelInfo:
@@ -150,12 +172,9 @@ class Scorer:
             num_labels=self.num_labels,
             device=str(self.device),
             dtype=self.config.dtype,
+            backend=self.config.backend,
+            max_batch_tokens=self.max_batch_tokens,
         )
-
-    def _model_max_positions(self) -> int:
-        limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
-        usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-        return min(usable) if usable else 512
 
     # ------------------------------------------------------------------ public API
 
@@ -212,20 +231,20 @@ class Scorer:
                 capped[text] = self.tokenizer.decode(tok[: self.max_query_length])
         return [capped.get(x, x) for x in queries] if capped else queries
 
-    def _logits_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
+    def _encode_pairs(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
+        """Token ids of each (query, passage) pair, unpadded: input_ids (and token_type_ids where the tokenizer
+        makes them). The query is kept whole up to max_query_length; the passage is cut to fit max_length."""
         queries = self._cap_queries(queries)
         enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length, padding=False)
-        input_ids = enc["input_ids"]
-        extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
+        return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+
+    def _encode_texts(self, texts: list[str], max_length: int) -> dict[str, list[list[int]]]:
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+        return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+
+    def _logits_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
         out = np.empty((len(queries), self.num_labels or 1), dtype=np.float32)
-        for idx in self._micro_batches([len(x) for x in input_ids]):
-            features = {"input_ids": [input_ids[i] for i in idx]}
-            for k, v in extra.items():
-                features[k] = [v[i] for i in idx]
-            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                out[idx] = self.model(**batch).logits.float().cpu().numpy()
-        return out
+        return self._run(len(queries), lambda s, e: self._encode_pairs(queries[s:e], passages[s:e]), out)
 
     # ------------------------------------------------------------------ bi-encoder
 
@@ -234,22 +253,9 @@ class Scorer:
         if self.config.kind != "bi-encoder":
             raise ConfigError("embed() needs model.kind: bi-encoder")
         texts = list(texts)
-        enc = self.tokenizer(texts, truncation=True, max_length=max_length or self.max_length, padding=False)
-        input_ids = enc["input_ids"]
-        extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
-        dim = self.model.config.hidden_size
-        out = np.empty((len(texts), dim), dtype=np.float32)
-        for idx in self._micro_batches([len(x) for x in input_ids]):
-            features = {"input_ids": [input_ids[i] for i in idx]}
-            for k, v in extra.items():
-                features[k] = [v[i] for i in idx]
-            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
-        return out
+        limit = max_length or self.max_length
+        out = np.empty((len(texts), self.backend.hf_config.hidden_size), dtype=np.float32)
+        return self._run(len(texts), lambda s, e: self._encode_texts(texts[s:e], limit), out)
 
     def _score_bi(self, queries: list[str], passages: list[str]) -> np.ndarray:
         # A passage's embedding does not depend on the query: embed each distinct text once, and keep recent
@@ -278,13 +284,83 @@ class Scorer:
         if len(cache) > limit:
             cache.popitem(last=False)
 
-    # ------------------------------------------------------------------ batching
+    # ------------------------------------------------------------------ batching and the model
+
+    def _run(self, n: int, encode: Callable[[int, int], dict[str, list[list[int]]]], out: np.ndarray) -> np.ndarray:
+        """Fill out[i] with the model's features of item i. Items are tokenised block by block on a background
+        thread (HF fast tokenizers release the GIL), one block ahead of the model, so tokenisation and padding
+        overlap the forward passes; the model only ever sees int32 arrays."""
+        if n == 0:
+            return out
+        if self._tokenize_pool is None:
+            # One thread: a fast tokenizer must not be used by two threads at once.
+            self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
+        pending: deque = deque()
+        starts = iter(range(0, n, BLOCK_ROWS))
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                end = min(n, start + BLOCK_ROWS)
+                pending.append(self._tokenize_pool.submit(self._prepare_block, encode, start, end))
+
+        submit()
+        submit()
+        while pending:
+            batches = pending.popleft().result()
+            submit()
+            for rows, ids, mask, types in batches:
+                with self._forward_lock:
+                    out[rows] = self.backend.forward(ids, mask, types)
+        return out
+
+    def _prepare_block(self, encode, start: int, end: int) -> list[tuple]:
+        """Tokenise items [start, end) and cut them into padded int32 micro-batches: (rows, ids, mask, types)."""
+        enc = encode(start, end)
+        input_ids = enc["input_ids"]
+        types = enc.get("token_type_ids") if self.backend.uses_token_type_ids else None
+        pad_id = self.tokenizer.pad_token_id or 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        batches = []
+        for idx in self._micro_batches([len(x) for x in input_ids]):
+            width = max(len(input_ids[i]) for i in idx)
+            ids = np.full((len(idx), width), pad_id, dtype=np.int32)
+            mask = np.zeros((len(idx), width), dtype=np.int32)
+            tt = np.zeros((len(idx), width), dtype=np.int32) if types is not None else None
+            for r, i in enumerate(idx):
+                seq = input_ids[i]
+                cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+                ids[r, cols] = seq
+                mask[r, cols] = 1
+                if tt is not None:
+                    tt[r, cols] = types[i]
+            st = self.stats
+            st["forward_passes"] += 1
+            st["rows"] += len(idx)
+            st["tokens"] += int(mask.sum())
+            st["padded_tokens"] += ids.size
+            batches.append((idx + start, ids, mask, tt))
+        return batches
 
     def _micro_batches(self, lengths: list[int]) -> list[np.ndarray]:
-        """Indices grouped into micro-batches of similar length (longest first, so OOM shows up at once)."""
+        """Indices grouped into micro-batches of similar length, longest first (so OOM shows up at once): each
+        is filled while (rows x its longest length) stays within max_batch_tokens and rows within batch_size.
+        A sequence longer than the budget runs alone."""
         order = np.argsort(-np.asarray(lengths), kind="stable")
-        bs = self.config.batch_size
-        return [order[i : i + bs] for i in range(0, len(order), bs)]
+        budget, cap = self.max_batch_tokens, self.config.batch_size
+        batches, start = [], 0
+        while start < len(order):
+            longest = max(1, lengths[order[start]])
+            rows = max(1, min(cap, budget // longest))
+            batches.append(order[start : start + rows])
+            start += rows
+        return batches
+
+
+def _max_positions(tokenizer, hf_config) -> int:
+    limits = [getattr(hf_config, "max_position_embeddings", None), tokenizer.model_max_length]
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(usable) if usable else 512
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
