@@ -458,7 +458,10 @@ class OpenVinoBackend(Backend):
         self.request = self.compiled.create_infer_request()
         self.path = path
         #: What OpenVINO actually computes in (it falls back to f32 where the CPU lacks bf16).
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(
+            hint.to_string(), hint.to_string()
+        )
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
