@@ -138,7 +138,9 @@ def _slow_bf16(combo: str) -> str:
 
 def default_max_batch_tokens(device: torch.device) -> int:
     """Padded tokens per forward pass when model.max_batch_tokens is auto."""
-    return 16384 if device.type == "cuda" else 4096
+    # CPU: 2048 padded tokens scored 20% faster than 4096 and 8192 with MiniLM on a 2-core EPYC (activations
+    # stay in cache); GPU: TEI's default of 16384.
+    return 16384 if device.type == "cuda" else 2048
 
 
 # ---------------------------------------------------------------------------------------------- the backends
@@ -310,10 +312,11 @@ def export_onnx(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
 
 
 def quantize_onnx_int8(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
-    """ONNX Runtime dynamic quantisation (QInt8 weights, per-tensor). Without VNNI the u8 x s8 products can
-    saturate int16 accumulators, so weights keep 7 bits there (reduce_range)."""
+    """ONNX Runtime dynamic quantisation (QInt8 weights, per-tensor, uint8 activations quantised per call).
+    Full 8-bit weights: on an AVX2 CPU without VNNI, reduce_range (7-bit weights) doubled the score drift on
+    MiniLM for no speed gain."""
     src = export_onnx(config, fingerprint, uses_tt)
-    reduce_range = not vnni()
+    reduce_range = False
 
     def build(tmp: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic

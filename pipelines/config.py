@@ -58,7 +58,7 @@ class ModelConfig(_Strict):
     max_batch_tokens: int | Literal["auto"] = Field(
         "auto",
         description="Padded tokens per forward pass (pairs x the longest of them): micro-batches are filled up to "
-        "it. auto: 4096 on CPU, 16384 on a GPU. A pair longer than it still runs, alone.",
+        "it. auto: 2048 on CPU, 16384 on a GPU. A pair longer than it still runs, alone.",
     )
     backend: Literal["torch", "onnx", "openvino"] = Field(
         "torch",

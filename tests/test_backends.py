@@ -122,7 +122,7 @@ def test_bfloat16_without_native_support_warns(tiny_cross_encoder, monkeypatch, 
         == []
     )
     info = describe_model(ModelConfig(name_or_path=tiny_cross_encoder, backend="onnx", dtype="int8"))
-    assert info["backend"] == "onnx" and info["dtype"] == "int8" and info["max_batch_tokens"] == 4096
+    assert info["backend"] == "onnx" and info["dtype"] == "int8" and info["max_batch_tokens"] == 2048
 
 
 def test_micro_batches_fill_a_token_budget(tiny_cross_encoder):
@@ -152,3 +152,21 @@ def test_tokenisation_runs_ahead_in_blocks(tiny_cross_encoder, monkeypatch):
     blocked = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128))
     np.testing.assert_allclose(blocked.score(QUERIES * 3, PASSAGES * 3), expected, atol=1e-5)
     assert blocked._tokenize_pool is not None
+
+
+def test_service_batches_by_pairs_and_token_budget():
+    """The service's @serve.batch cost: a model call stays within serve.max_batch_pairs and the token budget."""
+    from pipelines.serve.app import _batch_cost, _Chunk, _split
+
+    texts = ["x" * 40] * 10 + ["y" * 400] * 3 + ["z" * 4000]
+    chunks = _split("q" * 8, texts, 4, 300, 512)
+    assert [(a, b) for a, b, _ in chunks] == [(0, 4), (4, 8), (8, 10), (10, 12), (12, 13), (13, 14)]
+    assert all(t <= 300 for _, _, t in chunks)  # a pair over the budget alone is counted at the budget
+    limits = (4, 300)
+    made = [_Chunk(0, "q", texts[a:b], t, limits) for a, b, t in chunks]
+    budget = 4 * 300
+    assert all(_batch_cost([c]) <= budget for c in made)
+    assert _batch_cost(made[:2]) > budget  # 8 pairs
+    small = [_Chunk(0, "q", ["a"], 20, limits), _Chunk(1, "q", ["b"], 20, limits)]
+    assert _batch_cost(small) <= budget
+    assert _batch_cost(small + [_Chunk(2, "q", ["c"], 280, limits)]) > budget  # 320 tokens
