@@ -355,8 +355,9 @@ class ServeConfig(_Strict):
     max_batch_pairs: int = Field(
         256,
         ge=1,
-        description="(query, document) pairs scored in one model call, gathered from all waiting requests. Larger: "
-        "better throughput, longer waits; the model still runs model.batch_size pairs per forward pass.",
+        description="(query, document) pairs scored in one model call, gathered from all waiting requests; a call "
+        "also stays within model.max_batch_tokens padded tokens (estimated from characters). Larger: better "
+        "throughput, longer waits.",
     )
     batch_wait_timeout_s: float = Field(
         0.01,
