@@ -129,6 +129,16 @@ def check_backend(config: ModelConfig, device: torch.device) -> list[str]:
     raise ConfigError(f"unknown model.backend {backend!r}; use torch, onnx or openvino")
 
 
+def check_model_config(config: ModelConfig) -> None:
+    """check_backend on the device the model will run on, as far as this process can tell (entry points call it
+    before starting Ray): refusals raise, warnings are logged."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
+    for warning in check_backend(config, device):
+        log.warning(warning)
+
+
 def _slow_bf16(combo: str) -> str:
     return (
         f"{combo}: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16 flag in /proc/cpuinfo), so bfloat16 is "

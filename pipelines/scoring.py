@@ -28,9 +28,10 @@ from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Pairs tokenised per step of the pipeline: the background thread tokenises block k+1 while the model runs
+#: Most pairs tokenised per step of the pipeline: the background thread tokenises block k+1 while the model runs
 #: block k. Pairs are sorted by length within a block, so larger blocks pad less and overlap later.
 BLOCK_ROWS = 1024
+MIN_BLOCK_ROWS = 256
 
 
 def resolve_device(device: str) -> torch.device:
@@ -296,12 +297,14 @@ class Scorer:
             # One thread: a fast tokenizer must not be used by two threads at once.
             self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
         pending: deque = deque()
-        starts = iter(range(0, n, BLOCK_ROWS))
+        # At least two blocks from 512 items on, so a call of a few hundred pairs overlaps too.
+        block = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-n // 2)))
+        starts = iter(range(0, n, block))
 
         def submit() -> None:
             start = next(starts, None)
             if start is not None:
-                end = min(n, start + BLOCK_ROWS)
+                end = min(n, start + block)
                 pending.append(self._tokenize_pool.submit(self._prepare_block, encode, start, end))
 
         submit()

@@ -149,6 +149,7 @@ def test_tokenisation_runs_ahead_in_blocks(tiny_cross_encoder, monkeypatch):
     plain = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128))
     expected = plain.score(QUERIES * 3, PASSAGES * 3)
     monkeypatch.setattr(scoring, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(scoring, "MIN_BLOCK_ROWS", 7)
     blocked = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128))
     np.testing.assert_allclose(blocked.score(QUERIES * 3, PASSAGES * 3), expected, atol=1e-5)
     assert blocked._tokenize_pool is not None
