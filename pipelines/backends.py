@@ -251,14 +251,16 @@ def cache_root(config: ModelConfig) -> Path:
 
 
 def artifact_dir(config: ModelConfig, fingerprint: str, what: str, **extra: Any) -> Path:
-    """<cache>/<model name>-<hash of everything the artifact depends on>/<what>: a new model, revision, kind,
-    export setting or converter version never reuses an old file."""
+    """<cache>/<model name>-<hash of the model and the exporting libraries>/<what>[-<hash of its settings>]: a new
+    model, revision, kind, export setting or converter version never reuses an old file."""
     import transformers
 
-    parts = [fingerprint, config.kind, what, f"opset{ONNX_OPSET}", torch.__version__, transformers.__version__]
-    parts += [f"{k}={v}" for k, v in sorted(extra.items())]
+    parts = [fingerprint, config.kind, f"opset{ONNX_OPSET}", torch.__version__, transformers.__version__]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.name_or_path.rstrip("/").rsplit("/", 1)[-1])[:60] or "model"
+    if extra:
+        settings = "|".join(f"{k}={v}" for k, v in sorted(extra.items()))
+        what += "-" + hashlib.sha256(settings.encode()).hexdigest()[:8]
     return cache_root(config) / f"{name}-{key}" / what
 
 
