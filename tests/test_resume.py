@@ -43,7 +43,13 @@ def ray_tmp():
 
 def rerank(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], env=env, capture_output=True, text=True, timeout=300, **kw
+        [sys.executable, "-m", "pipelines.cli", *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
     )
 
 
