@@ -31,6 +31,17 @@ class StorageConfig(_Strict):
     secret_access_key: str | None = None
     session_token: str | None = None
     anon: bool = Field(False, description="Anonymous access to public buckets.")
+    retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries of one S3 request after a transient error (500, 503 SlowDown, connection reset, "
+        "timeout), with botocore's standard exponential backoff (random, up to 2^n s, at most 20 s).",
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to S3 before retrying.")
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds S3 may stay silent on an open request before it is retried."
+    )
 
 
 class ModelConfig(_Strict):

@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.config import StorageConfig
-from pipelines.errors import InputError, OutputError
+from pipelines.errors import InputError, OutputError, RerankError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def _is_hidden(path: str, root: str) -> bool:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@contextmanager
+def _fails_as(error: type[RerankError], what: str) -> Iterator[None]:
+    """Storage errors (after the S3 client's retries) -> one line naming the URI; RerankErrors pass through."""
+    try:
+        yield
+    except RerankError:
+        raise
+    except Exception as err:  # noqa: BLE001 - botocore, aiohttp, OSError and pyarrow errors alike
+        raise error(f"{what}: {_short(err)}") from None
 
 
 @dataclass
@@ -142,11 +155,12 @@ class Storage:
             os.makedirs(path, exist_ok=True)
 
     def write_json(self, path: str, data: Any) -> None:
-        with self.fs.open(path, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+        text = json.dumps(data, indent=2, default=str)
+        with _fails_as(OutputError, f"cannot write {self.uri(path)}"), self.fs.open(path, "w") as f:
+            f.write(text)
 
     def write_text(self, path: str, text: str) -> None:
-        with self.fs.open(path, "w") as f:
+        with _fails_as(OutputError, f"cannot write {self.uri(path)}"), self.fs.open(path, "w") as f:
             f.write(text)
 
     def write_table_once(self, folder: str, table: pa.Table, prefix: str = "part") -> str:
@@ -155,19 +169,21 @@ class Storage:
         pq.write_table(table, buf)
         data = buf.getvalue()
         name = f"{folder}/{prefix}-{hashlib.sha1(data).hexdigest()[:20]}.parquet"
-        if self.protocol == "file":
-            os.makedirs(folder, exist_ok=True)
-        with self.fs.open(name, "wb") as f:
-            f.write(data)
+        with _fails_as(OutputError, f"cannot write {self.uri(name)}"):
+            if self.protocol == "file":
+                os.makedirs(folder, exist_ok=True)
+            with self.fs.open(name, "wb") as f:
+                f.write(data)
         return name
 
     def parquet_files(self, folder: str) -> list[str]:
-        if not self.fs.exists(folder):
-            return []
-        return sorted(p for p in self.fs.find(folder) if p.endswith(".parquet") and not _is_hidden(p, folder))
+        with _fails_as(OutputError, f"cannot list {self.uri(folder)}"):
+            if not self.fs.exists(folder):
+                return []
+            return sorted(p for p in self.fs.find(folder) if p.endswith(".parquet") and not _is_hidden(p, folder))
 
     def read_column(self, path: str, column: str) -> pa.ChunkedArray:
-        with self.fs.open(path, "rb") as f:
+        with _fails_as(InputError, f"cannot read column {column!r} of {self.uri(path)}"), self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=[column]).column(column)
 
 
@@ -194,4 +210,12 @@ def s3_options(config: StorageConfig) -> dict[str, Any]:
         opts["client_kwargs"] = client
     # Listing right after a write must see the new objects; also avoids stale results between job stages.
     opts["use_listings_cache"] = False
+    # Transient errors are retried by botocore ("standard" mode: 500/502/503/504, throttling such as 503 SlowDown,
+    # connection resets and timeouts; random exponential backoff up to 20 s). s3fs retries on top of that, 5 times
+    # (not configurable per instance): SlowDown, resets and timeouts again, and errors while reading a body.
+    opts["config_kwargs"] = {
+        "retries": {"max_attempts": config.retries, "mode": "standard"},
+        "connect_timeout": config.connect_timeout_s,
+        "read_timeout": config.read_timeout_s,
+    }
     return opts

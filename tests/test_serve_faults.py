@@ -265,7 +265,7 @@ def test_api_key_enforced_and_absent_from_ray_metadata(service):
     for namespace in (None, "serve", b"serve"):
         try:
             keys = internal_kv._internal_kv_list(b"", namespace=namespace)
-        except Exception:  # noqa: BLE001 - a namespace that does not exist
+        except Exception:  # noqa: BLE001, S112 - a namespace that does not exist
             continue
         for k in keys:
             value = internal_kv._internal_kv_get(k, namespace=namespace) or b""
