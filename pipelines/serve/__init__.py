@@ -110,16 +110,18 @@ def prepare_local_environment(config: ServeAppConfig) -> None:
     from pipelines.serve.proxy import CALLBACK, CALLBACK_ENV, RETRY_AFTER_ENV
 
     s = config.serve
+    joining = bool(os.environ.get("RAY_ADDRESS", "").strip())  # the cluster's processes are already running
     if s.api_key:
-        if os.environ.get("RAY_ADDRESS", "").strip():
+        if joining:
             raise ConfigError(
                 "serve.api_key cannot reach the replicas of a cluster without being stored in Ray's metadata: "
                 f"remove it and set {s.api_key_env} in the cluster's environment from your secret store"
             )
         log.warning("serve.api_key in a config file is deprecated: set %s in the environment instead", s.api_key_env)
         os.environ[s.api_key_env] = s.api_key
-    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
-    os.environ.setdefault(RETRY_AFTER_ENV, str(s.retry_after_s))
+    if not joining:
+        os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+        os.environ.setdefault(RETRY_AFTER_ENV, str(s.retry_after_s))
 
 
 def start_service(config: ServeAppConfig):
