@@ -54,12 +54,14 @@ OPS = {
         lambda st: st.write_json(f"{BUCKET}/out/_summary.json", {"ok": 1}),
         lambda r: r is None,
     ),
-    "write_table_once": (
+    "write_parquet": (
         "PUT",
         rf"/{BUCKET}/out/",
-        lambda st: st.write_table_once(f"{BUCKET}/out/parts", TABLE),
-        lambda r: r.startswith(f"{BUCKET}/out/parts/part-"),
+        lambda st: st.write_parquet(f"{BUCKET}/out/parts/part-0.parquet", TABLE),
+        lambda r: r is None,
     ),
+    "list_names": ("GET", r"list-type=2", lambda st: st.list_names(f"{BUCKET}/out/parts", ".parquet"), lambda r: r == ["part-0.parquet"]),
+    "read_json": ("GET", rf"/{BUCKET}/out/_summary.json", lambda st: st.read_json(f"{BUCKET}/out/_summary.json"), lambda r: r == {"ok": 1}),
 }  # fmt: skip
 
 
@@ -82,7 +84,9 @@ PERSISTENT = [
     ("schema", InputError, f"s3://{IN}"),
     ("column", InputError, f"s3://{IN}"),
     ("write_json", OutputError, f"cannot write s3://{BUCKET}/out/_summary.json"),
-    ("write_table_once", OutputError, f"cannot write s3://{BUCKET}/out/parts/part-"),
+    ("write_parquet", OutputError, f"cannot write s3://{BUCKET}/out/parts/part-0.parquet"),
+    ("list_names", OutputError, f"cannot list s3://{BUCKET}/out/parts"),
+    ("read_json", OutputError, f"cannot read s3://{BUCKET}/out/_summary.json"),
 ]
 
 
