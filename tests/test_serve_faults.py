@@ -246,10 +246,11 @@ def _post(url: str, key: str | None = KEY, timeout: float = REQUEST_TIMEOUT_S + 
 
 
 @pytest.mark.timeout(120)
-def test_api_key_enforced_and_absent_from_ray_metadata(service):
+def test_api_key_enforced_and_absent_from_ray_metadata(service, model_path):
     import ray
     from ray import serve
     from ray.experimental import internal_kv
+    from ray.serve._private.constants import SERVE_INTERNAL_KV_NAMESPACE
 
     url, handle = service
     assert _post(url, key=None).status_code == 401
@@ -261,8 +262,8 @@ def test_api_key_enforced_and_absent_from_ray_metadata(service):
     # Everything Ray's control plane stores: Serve's checkpoints (deployment configs with init args and
     # runtime_env), job and actor metadata.
     assert ray.is_initialized()
-    found = []
-    for namespace in (None, "serve", b"serve"):
+    found, control = [], []
+    for namespace in (None, "serve", b"serve", SERVE_INTERNAL_KV_NAMESPACE):
         try:
             keys = internal_kv._internal_kv_list(b"", namespace=namespace)
         except Exception:  # noqa: BLE001, S112 - a namespace that does not exist
@@ -271,7 +272,10 @@ def test_api_key_enforced_and_absent_from_ray_metadata(service):
             value = internal_kv._internal_kv_get(k, namespace=namespace) or b""
             if KEY.encode() in value or KEY.encode() in k:
                 found.append((namespace, k))
+            if model_path.encode() in value:  # the deployment's init args are there: the scan sees them
+                control.append(k)
     assert not found, found
+    assert control
 
 
 @pytest.mark.timeout(300)
