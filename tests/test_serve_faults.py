@@ -250,7 +250,7 @@ def test_api_key_enforced_and_absent_from_ray_metadata(service, model_path):
     import ray
     from ray import serve
     from ray.experimental import internal_kv
-    from ray.serve._private.constants import SERVE_INTERNAL_KV_NAMESPACE
+    from ray.serve._private.storage.kv_store import SERVE_INTERNAL_KV_NAMESPACE
 
     url, handle = service
     assert _post(url, key=None).status_code == 401
