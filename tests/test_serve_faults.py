@@ -178,6 +178,12 @@ def test_health_check_fails_on_a_broken_model(model_path, monkeypatch):
         asyncio.run(replica.check_health())
     res = asyncio.run(replica.health())
     assert res.status_code == 503 and b"CUDA error" in res.body
+    # A replica built in this process (KEY in its environment) leaves nothing of the key on the FastAPI app,
+    # which Serve pickles by value with the deployment class.
+    from pipelines.serve.app import build_app_from_config
+
+    d = build_app_from_config(_config(model_path))._bound_deployment
+    assert KEY.encode() not in d._replica_config.serialized_deployment_def
 
 
 # ---------------------------------------------------------------------------------------------- in-process Ray

@@ -83,7 +83,10 @@ async def _auth_and_metrics(request: Request, call_next):
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     api = _APIS.get(path.rstrip("/") or "/", "other")
-    key = getattr(state, "api_key", None)
+    # The key is looked up in this process's environment on each request, never kept on the app: the FastAPI app
+    # is pickled with the deployment class (by value), so anything on app.state could travel through Ray.
+    key_env = getattr(state, "api_key_env", None)
+    key = os.environ.get(key_env) if key_env else None
     if key and api != "health" and not _authorized(request.headers.get("authorization"), key):
         response = JSONResponse(
             ApiError(
@@ -186,7 +189,8 @@ def resolve_api_key(config: ServeAppConfig) -> str | None:
 
 def replica_api_key(config: ServeAppConfig) -> str | None:
     """The key a replica enforces: the variable named by serve.api_key_env in the replica's own environment, set
-    by the cluster from its secret store (or inherited from `rerank serve`'s environment on a local Ray)."""
+    by the cluster from its secret store (or inherited from `rerank serve`'s environment on a local Ray). Read
+    where it is used; never stored on the app or the deployment."""
     return os.environ.get(config.serve.api_key_env) or None
 
 
@@ -228,9 +232,9 @@ class RerankService:
         logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
         self._score_chunks.set_max_batch_size(s.max_batch_pairs)
         self._score_chunks.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-        # Read here, in the replica: the key never travels through Ray (constructor arguments, runtime_env and
-        # the Serve config are all stored in Ray's metadata and shown by its tools).
-        app.state.api_key = replica_api_key(self.config)
+        # The key is read from this replica's environment by the auth middleware: it never travels through Ray
+        # (constructor arguments, runtime_env, the Serve config and the pickled app are all stored by Ray).
+        app.state.api_key_env = s.api_key_env  # the variable's name only
         self._busy_since: float | None = None  # start of the model call in progress
         self._last_ok = time.monotonic()  # end of the last model call that succeeded
         self._model_failed = False  # a model call raised since the last good health check
@@ -307,7 +311,12 @@ class RerankService:
     def stats(self) -> dict[str, int]:
         """Counters of this replica (through a DeploymentHandle): requests, batches, pairs, largest batch; also
         its process id and whether it enforces an API key."""
-        return dict(self._stats, pending_pairs=self._pending_pairs, pid=os.getpid(), auth=int(bool(app.state.api_key)))
+        return dict(
+            self._stats,
+            pending_pairs=self._pending_pairs,
+            pid=os.getpid(),
+            auth=int(bool(replica_api_key(self.config))),
+        )
 
     async def check_health(self) -> None:
         """Called by Serve every serve.health_check_period_s; raising marks this replica unhealthy and Serve
