@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tests.ports import free_port
+from tests.s3_faults import s3_fault_proxy  # noqa: F401 - the fixture, documented in tests/s3_faults.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
