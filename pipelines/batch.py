@@ -215,11 +215,17 @@ def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
             n = max(1, int((resources.get("CPU", 1.0) - 2) // scale.num_cpus_per_actor))
     else:
         n = scale.num_actors
+    for name, amount in scale.resources_per_actor.items():
+        if resources.get(name, 0.0) < amount:
+            log.warning("scale.resources_per_actor: no node offers %s=%g yet; the actors wait for one", name, amount)
+        elif scale.num_actors == "auto":
+            n = min(n, int(resources[name] // amount))
     return {
         "min_actors": n,
         "max_actors": max(n, scale.max_actors or n),
         "num_gpus_per_actor": float(gpus),
         "num_cpus_per_actor": scale.num_cpus_per_actor,
+        "resources_per_actor": dict(scale.resources_per_actor),
         "batch_rows": scale.batch_rows,
     }
 
@@ -348,6 +354,7 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         compute=ray.data.ActorPoolStrategy(min_size=scale["min_actors"], max_size=scale["max_actors"]),
         num_cpus=scale["num_cpus_per_actor"],
         num_gpus=scale["num_gpus_per_actor"],
+        resources=scale["resources_per_actor"] or None,
         fn_constructor_kwargs={
             "model": config.model,
             "layout": layout,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from pipelines.errors import ConfigError
 
@@ -148,6 +148,11 @@ class ScaleConfig(_Strict):
         None,
         ge=1,
         description="Shuffle partitions for the flat layout's per-query top-N and the corpus join (default: from input size).",
+    )
+    resources_per_actor: dict[str, PositiveFloat] = Field(
+        {},
+        description="Custom Ray resources each scoring actor needs, e.g. {accelerator_type:A10G: 0.001} or a node "
+        "resource such as {scorer: 1}: actors then run only on nodes that offer it.",
     )
 
     @model_validator(mode="after")
@@ -320,6 +325,11 @@ class ServeConfig(_Strict):
     )
     num_gpus_per_replica: float | Literal["auto"] = Field(
         "auto", description="GPUs per replica; auto: 1 when the cluster has GPUs, else 0."
+    )
+    resources_per_replica: dict[str, PositiveFloat] = Field(
+        {},
+        description="Custom Ray resources each replica needs, e.g. {scorer: 1}: replicas then run only on nodes "
+        "that offer it.",
     )
     max_batch_pairs: int = Field(
         256,
