@@ -189,7 +189,7 @@ def test_batch_job_on_three_nodes_actors_on_workers_only(cluster, tmp_path, tiny
     cfg = job_config(
         tmp_path,
         tiny_cross_encoder,
-        "scale: {num_actors: 2, num_cpus_per_actor: 0.5, batch_rows: 10, resources_per_actor: {accel: 1}}\n",
+        "scale: {num_actors: 2, num_cpus_per_actor: 0.5, batch_rows: 10, actor_resources: {accel: 1}}\n",
     )
     env = client_env(tmp_path, AWS_REGION="eu-west-1", AWS_SECRET_ACCESS_KEY="not-forwarded")
     started = time.monotonic()
@@ -210,7 +210,7 @@ def test_batch_job_on_three_nodes_actors_on_workers_only(cluster, tmp_path, tiny
     assert env_vars == {"AWS_REGION": "eu-west-1", "HF_HUB_OFFLINE": "1"}
 
     # Scoring actors: two, one on each worker node, none on the head.
-    scorers = [a for a in cluster.actors() if "ScoreActor" in (a.get("class_name") or "")]
+    scorers = [a for a in cluster.actors() if "ScoreWorker" in (a.get("class_name") or "")]
     assert len(scorers) == 2, [a.get("class_name") for a in cluster.actors()]
     assert {a["node_id"] for a in scorers} == worker_ids(cluster)
 
@@ -288,7 +288,7 @@ def test_service_two_replicas_on_two_nodes(cluster, tmp_path, tiny_cross_encoder
     app["runtime_env"] = {"working_dir": pkg.as_uri(), "env_vars": {"HF_HUB_OFFLINE": "1"}}
     app["args"]["model"] = {"name_or_path": tiny_cross_encoder, "max_length": 96, "batch_size": 16}
     app["args"]["serve"] |= {"num_cpus_per_replica": 0.5, "num_gpus_per_replica": 0}
-    app["args"]["serve"]["resources_per_replica"] = {"accel": 1}
+    app["args"]["serve"]["replica_resources"] = {"accel": 1}
     app["args"]["serve"].pop("autoscaling")
     app["args"]["serve"]["num_replicas"] = 2
     deploy = tmp_path / "serve_deploy.yaml"

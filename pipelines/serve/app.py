@@ -415,7 +415,7 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
         "ray_actor_options": {
             "num_cpus": s.num_cpus_per_replica,
             "num_gpus": _num_gpus(config),
-            **({"resources": dict(s.resources_per_replica)} if s.resources_per_replica else {}),
+            **({"resources": dict(s.replica_resources)} if s.replica_resources else {}),
         },
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
