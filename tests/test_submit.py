@@ -220,6 +220,16 @@ def test_batch_job_on_three_nodes_actors_on_workers_only(cluster, tmp_path, tiny
     assert pkgs and all(sorted(x.name for x in p.iterdir()) == ["pipelines", "submitted"] for p in pkgs)
     print(f"submit of a 6-query job to a 3-node cluster: {wall:.1f} s")
 
+    # --resume goes through the local check (output.mode: resume) and onto the job's command line; the output is
+    # complete, so the job leaves it as it is.
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    res = rerank(["submit", str(cfg), "--address", cluster.dashboard_url, "--set", "output.top_n=2", "--resume"], env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sid = re.search(r"rerank: submitted (\S+) to", res.stdout).group(1)
+    assert job_info(cluster, sid)["entrypoint"].endswith("--set=output.top_n=2 --resume")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert read_output(tmp_path / "out").equals(out)
+
 
 @pytest.mark.slow
 def test_failed_job_and_missing_token(cluster, tmp_path, tiny_cross_encoder):
@@ -325,3 +335,31 @@ def test_service_two_replicas_on_two_nodes(cluster, tmp_path, tiny_cross_encoder
         r = requests.post(f"http://127.0.0.1:{port}/v1/rerank", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert sorted(x["index"] for x in r.json()["results"]) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_eval_submitted_to_the_cluster(cluster, tmp_path, tiny_cross_encoder):
+    report = tmp_path / "report"
+    sets = {
+        "model.name_or_path": tiny_cross_encoder,
+        "model.kind": "cross-encoder",
+        "model.max_length": "96",
+        "data.max_queries": "5",
+        "k_values": "[5]",
+        "n_grid": "[1, 5]",
+        "n_base": "[5]",
+        "first_stage.depth": "5",
+        "report.dir": str(report),
+        "scale.num_actors": "1",
+        "scale.num_cpus_per_actor": "0.5",
+        "scale.actor_resources": "{accel: 1}",
+    }
+    args = ["submit", str(ROOT / "conf" / "eval_cranfield.yaml"), "--address", cluster.dashboard_url]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    res = rerank(args, client_env(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sid = re.search(r"rerank: submitted (\S+) to", res.stdout).group(1)
+    assert sid.startswith("rerank-eval-eval-cranfield-")
+    assert "N_Base" in res.stdout  # the report's table, printed by the job, came through the logs
+    assert (report / "report.json").is_file()
