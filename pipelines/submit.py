@@ -349,10 +349,10 @@ def exit_status(client: Any, sid: str, status: str) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    kind = args.job if args.job != "auto" else detect_kind(args.config)
-    check_config(kind, args.config, args.overrides, resume=args.resume, plan=not args.no_check)
     address = resolve_address(args.address)
+    kind = args.job if args.job != "auto" else detect_kind(args.config)
     env = forwarded_env(args.env)
+    check_config(kind, args.config, args.overrides, resume=args.resume, plan=not args.no_check)
     client = make_client(address)
     _check_versions(client)
     sid = args.submission_id or submission_id(kind, args.config)
