@@ -282,6 +282,34 @@ def test_ctrl_c_stops_the_job(cluster, tmp_path, tiny_cross_encoder):
 
 
 @pytest.mark.slow
+def test_eval_submitted_to_the_cluster(cluster, tmp_path, tiny_cross_encoder):
+    report = tmp_path / "report"
+    sets = {
+        "model.name_or_path": tiny_cross_encoder,
+        "model.kind": "cross-encoder",
+        "model.max_length": "96",
+        "data.max_queries": "5",
+        "k_values": "[5]",
+        "n_grid": "[1, 5]",
+        "n_base": "[5]",
+        "first_stage.depth": "5",
+        "report.dir": str(report),
+        "scale.num_actors": "1",
+        "scale.num_cpus_per_actor": "0.5",
+        "scale.actor_resources": "{accel: 1}",
+    }
+    args = ["submit", str(ROOT / "conf" / "eval_cranfield.yaml"), "--address", cluster.dashboard_url]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    res = rerank(args, client_env(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sid = re.search(r"rerank: submitted (\S+) to", res.stdout).group(1)
+    assert sid.startswith("rerank-eval-eval-cranfield-")
+    assert "N_Base" in res.stdout  # the report's table, printed by the job, came through the logs
+    assert (report / "report.json").is_file()
+
+
+@pytest.mark.slow
 def test_service_two_replicas_on_two_nodes(cluster, tmp_path, tiny_cross_encoder):
     """conf/serve_deploy.yaml as a cluster runs it (`serve deploy`), with the code in a working_dir zip."""
     stage = tmp_path / "pkg"
@@ -305,6 +333,13 @@ def test_service_two_replicas_on_two_nodes(cluster, tmp_path, tiny_cross_encoder
     deploy.write_text(yaml.safe_dump(conf))
 
     env = cli_env(HOME=str(tmp_path), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    try:
+        _deploy_and_query(cluster, deploy, env, port)
+    finally:  # the replicas hold both workers' `accel`: give them back
+        requests.delete(f"{cluster.dashboard_url}/api/serve/applications/", headers=cluster.headers, timeout=60)
+
+
+def _deploy_and_query(cluster, deploy: Path, env: dict[str, str], port: int) -> None:
     res = subprocess.run(
         [f"{VENV_BIN}/serve", "deploy", str(deploy), "--address", cluster.dashboard_url],
         env=env,
@@ -335,31 +370,3 @@ def test_service_two_replicas_on_two_nodes(cluster, tmp_path, tiny_cross_encoder
         r = requests.post(f"http://127.0.0.1:{port}/v1/rerank", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert sorted(x["index"] for x in r.json()["results"]) == [0, 1, 2]
-
-
-@pytest.mark.slow
-def test_eval_submitted_to_the_cluster(cluster, tmp_path, tiny_cross_encoder):
-    report = tmp_path / "report"
-    sets = {
-        "model.name_or_path": tiny_cross_encoder,
-        "model.kind": "cross-encoder",
-        "model.max_length": "96",
-        "data.max_queries": "5",
-        "k_values": "[5]",
-        "n_grid": "[1, 5]",
-        "n_base": "[5]",
-        "first_stage.depth": "5",
-        "report.dir": str(report),
-        "scale.num_actors": "1",
-        "scale.num_cpus_per_actor": "0.5",
-        "scale.actor_resources": "{accel: 1}",
-    }
-    args = ["submit", str(ROOT / "conf" / "eval_cranfield.yaml"), "--address", cluster.dashboard_url]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
-    res = rerank(args, client_env(tmp_path))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    sid = re.search(r"rerank: submitted (\S+) to", res.stdout).group(1)
-    assert sid.startswith("rerank-eval-eval-cranfield-")
-    assert "N_Base" in res.stdout  # the report's table, printed by the job, came through the logs
-    assert (report / "report.json").is_file()
