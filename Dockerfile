@@ -20,6 +20,8 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
     fi
 
+# As the image's user (ray), so that pip can build the project in place.
+RUN mkdir -p /home/ray/rerank
 WORKDIR /home/ray/rerank
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users pipelines/ pipelines/
