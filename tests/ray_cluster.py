@@ -52,6 +52,17 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, however it dies (Linux), so a killed
+    pytest never leaves a cluster behind; `ray start --block` then stops its own processes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class Node:
     name: str
@@ -128,6 +139,7 @@ class LocalCluster:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 cmd,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, before any thread of ours starts
                 env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -192,10 +204,17 @@ class LocalCluster:
         return r.json()["data"]["result"]["result"]
 
     def _own_pids(self) -> set[int]:
+        """The `ray start` processes, their descendants (raylets, GCS, workers, job drivers) and anything else whose
+        command line names this cluster's temp dir."""
         import psutil
 
         marker = str(self.root)
         pids = set()
+        for node in self.nodes:
+            try:
+                pids |= {c.pid for c in psutil.Process(node.proc.pid).children(recursive=True)}
+            except psutil.Error:
+                pass
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 if any(marker in part for part in p.info["cmdline"] or ()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -148,6 +149,8 @@ def cluster(tmp_path_factory):
     env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     env["HOME"] = str(root)  # Ray must not read or write the real ~/.ray
     c = LocalCluster(root, env, token=TOKEN)
+    # A SIGTERM (e.g. a CI timeout) ends the session through pytest's teardown, which stops the cluster.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     address_file = Path("/tmp/ray/ray_current_cluster")
     before = address_file.read_text() if address_file.exists() else None
     try:
@@ -159,9 +162,14 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
+        signal.signal(signal.SIGTERM, previous)
         assert not c._own_pids()
         after = address_file.read_text() if address_file.exists() else None
         assert after == before, "the test cluster left a ray_current_cluster file in /tmp/ray"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
