@@ -26,7 +26,14 @@ def s3_ray(s3_server):
     """Ray starts after AWS_ENDPOINT_URL is set, as it would for a user, so its workers inherit it."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield s3_server
     ray.shutdown()
 
