@@ -1,4 +1,4 @@
-"""`rerank` command line: run | demo | serve | eval.
+"""`rerank` command line: run | demo | serve | eval | submit.
 
 This module and jobs/ are the entry points: they alone start or connect to Ray. A user error (RerankError)
 ends in one line on stderr and exit code 2, never a traceback.
@@ -91,9 +91,11 @@ def _register_plugins() -> None:
     """Subcommands that live beside their feature register themselves (their heavy imports stay lazy)."""
     from pipelines.evaluation import register_cli as register_eval
     from pipelines.serve import register_cli as register_serve
+    from pipelines.submit import register_cli as register_submit
 
     register_serve(COMMANDS, _add_config_args)
     register_eval(COMMANDS, _add_config_args)
+    register_submit(COMMANDS, _add_config_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from pipelines.errors import ConfigError
 
@@ -402,6 +402,11 @@ class ServeConfig(_Strict):
     )
     num_gpus_per_replica: float | Literal["auto"] = Field(
         "auto", description="GPUs per replica; auto: 1 when the cluster has GPUs, else 0."
+    )
+    replica_resources: dict[str, PositiveFloat] = Field(
+        {},
+        description="Custom Ray resources each replica needs, e.g. {scorer: 1}: replicas then run only on nodes "
+        "that offer it.",
     )
     max_batch_pairs: int = Field(
         256,

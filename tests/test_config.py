@@ -41,7 +41,7 @@ def test_overrides_reach_any_key(tmp_path):
     [
         (["output.topn=3"], "output.topn: unknown key"),
         (["output.top_n=0"], "output.top_n: Input should be greater than or equal to 1"),
-        (["output.mode=append"], "output.mode: Input should be 'error' or 'overwrite'"),
+        (["output.mode=append"], "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
         (["model.kind=colbert"], "model.kind"),
         (["model.max_length=abc"], "model.max_length"),
         (["model.query_template=hello"], "model.query_template: Value error, must contain the placeholder {query}"),

@@ -516,7 +516,11 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
     """serve.* -> Ray Serve deployment options (replicas, resources, queue limits)."""
     s = config.serve
     opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": _num_gpus(config)},
+        "ray_actor_options": {
+            "num_cpus": s.num_cpus_per_replica,
+            "num_gpus": _num_gpus(config),
+            **({"resources": dict(s.replica_resources)} if s.replica_resources else {}),
+        },
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
