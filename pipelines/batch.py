@@ -190,7 +190,9 @@ def _parquet_bytes(table: pa.Table, groups: list[pa.Table] | None = None) -> byt
     return buf.getvalue()
 
 
-def score_unit(unit: Unit, spec: WorkerSpec, scorer: Any, storage: Storage, progress: Progress) -> dict[str, Any]:
+def score_unit(
+    unit: Unit, spec: WorkerSpec, scorer: Any, storage: Storage, progress: Progress, node: str = ""
+) -> dict[str, Any]:
     """Read, validate, score and commit one unit; returns its commit record (its counts)."""
     layout = spec.layout
     if layout.layout == PACKED:
@@ -235,6 +237,7 @@ def score_unit(unit: Unit, spec: WorkerSpec, scorer: Any, storage: Storage, prog
         "windows_scored": windows,
         "rejected": dict(sorted(by_reason.items())),
         "buckets": {str(b): i for i, b in enumerate(present)},
+        "node": node,
     }
     if pairs_in != scored.num_rows + rejected.num_rows:
         raise JobError(
@@ -264,14 +267,15 @@ class ScoreWorker:
         self.storage = Storage.for_uri(spec.input_protocol_uri, spec.storage)
         out = Storage.for_uri(spec.output_uri, spec.storage)
         self.progress = Progress(out, out.path(spec.output_uri))
-
-    def ready(self) -> dict[str, Any]:
         import ray
 
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> dict[str, Any]:
+        return {"node_id": self.node, "pid": os.getpid()}
 
     def run(self, unit: Unit) -> dict[str, Any]:
-        return score_unit(unit, self.spec, self.scorer, self.storage, self.progress)
+        return score_unit(unit, self.spec, self.scorer, self.storage, self.progress, self.node)
 
 
 # ---------------------------------------------------------------------------- the reduce
@@ -654,7 +658,11 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         units=len(units),
         units_resumed=len(units) - len(todo),
         units_retried=retried,
-        scale=scale | {"reduce_buckets": buckets},
+        scale=scale
+        | {
+            "reduce_buckets": buckets,
+            "units_by_node": dict(collections.Counter(c.get("node", "") for c in commits.values())),
+        },
     )
     _reduce(plan, layout, buckets, commits, summary)
     summary.wall_time_s = round(time.perf_counter() - started, 3)
