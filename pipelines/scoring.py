@@ -267,6 +267,8 @@ class Scorer:
             self.model = AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
         self.model.to(self.device).eval()
         self.max_length = min(config.max_length, self._model_max_positions())
+        # Texts are tokenized whole and cut by the rules below: no "longer than the maximum" warnings.
+        self.tokenizer.model_max_length = 1 << 30
         #: units (windows; one per pair unless long_text is chunks) the last score()/logits() call scored
         self.last_windows = 0
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
