@@ -567,6 +567,24 @@ class EvalCostConfig(_Strict):
         1.0, ge=0, description="LLM input price per million context tokens, in cost.currency."
     )
     currency: str = Field("USD", description="Label printed beside money figures.")
+    reranker_price_per_hour: float = Field(
+        1.0,
+        ge=0,
+        description="Price of an hour of the hardware the rerankers ran on, in cost.currency: each reranker's "
+        "cost per 1,000 queries is its pairs at its measured pairs/s at this price.",
+    )
+
+
+class RerankerSpec(_Strict):
+    """One reranker of a side-by-side evaluation."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=64,
+        description="Label in the report, the run files (runs/<name>_k<K>.run) and its job folder.",
+    )
+    model: ModelConfig = Field(..., description="The reranker (the same section as rerank run's model).")
 
 
 class EvalReportConfig(_Strict):
@@ -581,7 +599,15 @@ class EvalConfig(_Strict):
 
     data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     first_stage: FirstStageConfig = Field(default_factory=FirstStageConfig)
-    model: ModelConfig = Field(..., description="The reranker; scored through the batch job.")
+    model: ModelConfig | None = Field(
+        None, description="The reranker, scored through the batch job (or give several in rerankers)."
+    )
+    rerankers: list[RerankerSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Several named rerankers ({name, model}) scored over the same first-stage candidates and "
+        "reported side by side; instead of model.",
+    )
     k_values: list[int] = Field(
         [10, 20, 50, 100], min_length=1, description="K: first-stage candidates reranked, one run per value."
     )
@@ -622,6 +648,25 @@ class EvalConfig(_Strict):
     def depth(self) -> int:
         """K_max: candidates per query from the first stage."""
         return self.first_stage.depth or max(self.k_values + self.n_grid + self.n_base)
+
+    @property
+    def reranker_specs(self) -> list[RerankerSpec]:
+        """The rerankers evaluated: the list, or the one `model` under the name 'rerank'."""
+        if self.rerankers:
+            return self.rerankers
+        return [RerankerSpec(name="rerank", model=self.model)]  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _one_way_to_name_rerankers(self) -> EvalConfig:
+        if (self.model is None) == (self.rerankers is None):
+            raise ValueError("give the reranker as model, or several as rerankers: [{name, model}, ...], not both")
+        names = [r.name for r in self.rerankers or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rerankers: the name {dupes[0]!r} is used twice")
+        if "first_stage" in names:
+            raise ValueError("rerankers: 'first_stage' is the name of the first-stage run; pick another")
+        return self
 
     @model_validator(mode="after")
     def _depth(self) -> EvalConfig:

@@ -42,9 +42,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import connect
     from pipelines.config import EvalConfig, load_config
     from pipelines.evaluation.sweep import run_eval
+    from pipelines.ray_runtime import connect
 
     config = load_config(EvalConfig, args.config, args.overrides)
     connect(config.ray)
