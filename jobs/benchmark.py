@@ -78,8 +78,8 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from pipelines.ray_runtime import connect
     from pipelines.demo import write_cranfield_candidates
+    from pipelines.ray_runtime import connect
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="rerank-bench-"))

@@ -1,38 +1,64 @@
-"""The batch job on Ray Data: read, validate, (join a corpus), score in an actor pool, top-N per query, write.
+"""The batch job on Ray: plan, score input units in an actor pool, reduce to the top-N per query, check, publish.
 
-This module is the only place that wires Ray Data. It expects Ray to be running (entry points start it) and
-never collects data on the driver: blocks stream from the reader through the actors to the writer.
+This module wires the job to Ray; it expects Ray to be running (entry points start it) and never collects the
+data on the driver. The shape (see ``pipelines.progress`` for the files it leaves next to the output):
 
-Two shapes of plan:
-- packed input (a row per query, candidates in a list): every actor call holds whole queries, so the actor
-  writes the final top-N itself; no shuffle at all.
-- flat input (a row per pair, a query's rows anywhere) and any corpus join: each actor call keeps only the
-  top-N of every query it saw (a query's global top-N is among those), then a hash shuffle on query_id brings
-  the survivors of each query together for the final top-N. The shuffle moves at most top_n rows per query
-  per block, not the candidates.
+1. **Plan** (no Ray): list the input files, check their layout, the model, the corpus and the output, and cut
+   the input into *units*: slices of one file of about ``scale.unit_rows`` pairs.
+2. **Score** (an actor pool, map-only): an actor reads a unit, rejects bad rows with a reason, drops duplicate
+   pairs, scores the rest and keeps the top-N of every query the unit holds (a query's global top-N is among
+   the union of these). It commits the unit: its partial top-N (one row group per reduce bucket, a query's
+   bucket fixed by a hash of its id), its rejects and its counts, under names fixed by the unit. A retried or
+   resumed unit rewrites the same files; a unit that did not commit is redone. A corpus join, when asked, runs
+   first as a Ray Data join whose result becomes the units' input.
+3. **Reduce** (one task per bucket, cheap and simply rerun): the partials of a bucket -> one copy per
+   (query_id, doc_id) -> the final top-N -> result files, each written atomically.
+4. **Check and publish**: counts from the commits (never from a live counter, so retries cannot double them),
+   ``pairs_in == pairs_scored + rejected``, every query with a scored pair present exactly once with ranks
+   1..n; then ``_summary.json`` and ``_SUCCESS``.
+
+The actors are plain Ray actors with small constructor arguments (no object-store references, so a restart
+never depends on evicted objects) and explicit fault settings: a dead actor is restarted up to
+``scale.max_restarts`` times and its units go back to the queue, up to ``scale.unit_retries`` times each; an
+actor that cannot load its model fails the job at once with the model's error.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import io
 import logging
 import math
+import os
+import re
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines import records
 from pipelines.config import ModelConfig, RerankJobConfig, StorageConfig
-from pipelines.errors import InputError
+from pipelines.errors import InputError, OutputError, RerankError
+from pipelines.progress import COMPLETE, EMPTY, FOREIGN, INCOMPLETE, Progress, differences
 from pipelines.records import FLAT, PACKED, InputLayout
 from pipelines.storage import Storage
 
 log = logging.getLogger(__name__)
 
-SHUFFLE_BYTES_PER_PARTITION = 256 * 1024**2
+BUCKET_BYTES = 256 * 1024**2  # input bytes per reduce bucket (the partials are a fraction of the input)
+MANIFEST_VERSION = 1
+UNITS_IN_FLIGHT_PER_ACTOR = 2  # one scoring, one queued: an actor never waits for the driver
+
+
+class JobError(RerankError):
+    """The job could not finish: its actors died, a unit kept failing, or its own accounting did not add up."""
 
 
 @dataclass
@@ -46,10 +72,14 @@ class JobSummary:
     queries: int = 0
     pairs_in: int = 0
     pairs_scored: int = 0
+    windows_scored: int = 0
     rows_written: int = 0
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     input_files: int = 0
+    units: int = 0
+    units_resumed: int = 0
+    units_retried: int = 0
     wall_time_s: float = 0.0
     pairs_per_s: float = 0.0
     scale: dict[str, Any] = field(default_factory=dict)
@@ -60,111 +90,269 @@ class JobSummary:
             if self.rejected
             else ""
         )
+        resumed = f", {self.units_resumed:,} of {self.units:,} units done before this run" if self.units_resumed else ""
         return (
             f"rerank: {self.queries:,} queries, {self.pairs_scored:,} pairs scored, {self.rows_written:,} rows written"
-            f"{rej} in {self.wall_time_s:.1f} s ({self.pairs_per_s:.1f} pairs/s) -> {self.output_uri}"
+            f"{rej}{resumed} in {self.wall_time_s:.1f} s ({self.pairs_per_s:.1f} pairs/s) -> {self.output_uri}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-# ---------------------------------------------------------------------------- workers
-
-
-class Counts:
-    """A tiny actor the stages report their counts to (a job's pairs in and pairs scored)."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def add(self, **values: int) -> None:
-        for k, v in values.items():
-            self.counts[k] = self.counts.get(k, 0) + int(v)
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSummary:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass
-class RejectSink:
-    """Writes rejected rows to `<output>/_rejects/` from whichever worker finds them."""
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: rows [start, end) of one input file."""
 
-    output_uri: str
+    uid: str
+    path: str
+    start: int
+    end: int
+
+    @classmethod
+    def of(cls, path: str, start: int, end: int) -> Unit:
+        digest = hashlib.sha1(f"{path}|{start}|{end}".encode()).hexdigest()[:16]
+        stem = re.sub(r"[^A-Za-z0-9]+", "-", path.rsplit("/", 1)[-1].removesuffix(".parquet"))[:40]
+        return cls(f"{stem}-{start}-{digest}", path, start, end)
+
+
+# ---------------------------------------------------------------------------- scoring a unit
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a scoring actor needs; small, so Ray passes it inline (nothing in the object store)."""
+
+    model: ModelConfig
+    layout: InputLayout
     storage: StorageConfig
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            st = Storage.for_uri(self.output_uri, self.storage)
-            st.write_table_once(st.path(self.output_uri) + "/_rejects", table)
-
-
-def prepare_pairs(batch: pa.Table, *, layout: InputLayout, explode: bool, sink: RejectSink, counts: Any) -> pa.Table:
-    """Normalise a batch to valid pairs; rejects go to the sink. Runs as a Ray task fused with the read."""
-    rejects = []
-    if explode:
-        batch, empty = records.explode_packed(batch, layout)
-        rejects.append(empty)
-    columns = records.pair_columns(layout, with_text=layout.has_text)
-    pairs = batch.select(columns)
-    counts.add.remote(pairs_in=pairs.num_rows + sum(r.num_rows for r in rejects))
-    valid, bad = records.split_rejects(pairs, layout)
-    rejects.append(bad)
-    sink.write(pa.concat_tables(rejects))
-    return valid
+    input_protocol_uri: str
+    output_uri: str
+    top_n: int
+    buckets: int
+    batch_rows: int
+    max_text_bytes: int
+    corpus: bool
+    num_threads: int
+    corpus_packed: bool = False  # joined input made from packed candidates (rows marked _no_candidates)
 
 
-def check_joined_text(batch: pa.Table, *, layout: InputLayout, sink: RejectSink) -> pa.Table:
-    """After the corpus join: pairs whose doc_id the corpus lacks, or whose text is blank, are rejected."""
-    valid, bad = records.split_missing_text(batch, layout)
-    sink.write(bad)
-    return valid
+def read_unit(storage: Storage, unit: Unit, columns: list[str]) -> pa.Table:
+    """Rows [start, end) of a Parquet file, reading only the row groups that hold them."""
+    try:
+        with storage.fs.open(unit.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            parts, offset = [], 0
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                lo, hi = max(unit.start, offset), min(unit.end, offset + n)
+                if lo < hi:
+                    seen = offset
+                    for batch in pf.iter_batches(batch_size=8192, row_groups=[i], columns=columns):
+                        a, b = max(lo - seen, 0), min(hi - seen, batch.num_rows)
+                        if a < b:
+                            parts.append(batch.slice(a, b - a))
+                        seen += batch.num_rows
+                        if seen >= hi:
+                            break
+                offset += n
+                if offset >= unit.end:
+                    break
+            schema = pf.schema_arrow
+        schema = pa.schema([schema.field(c) for c in columns])
+        return pa.Table.from_batches(parts, schema=schema) if parts else schema.empty_table()
+    except Exception as err:  # noqa: BLE001 - a damaged file or a storage failure: name the file either way
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(
+            f"cannot read rows {unit.start:,}-{unit.end:,} of {storage.uri(unit.path)}: {type(err).__name__}: {first}"
+        ) from None
 
 
-class ScoreActor:
-    """One model per actor; each call scores a batch and keeps the top-N of every query in it."""
+def bucket_of(query_ids: pa.ChunkedArray | pa.Array, buckets: int) -> np.ndarray:
+    """The reduce bucket of every row: a stable hash of the query id (the same in every process and run)."""
+    if buckets == 1:
+        return np.zeros(len(query_ids), dtype=np.int64)
+    unique = pc.unique(query_ids)
+    hashed = np.array([zlib.crc32(str(v).encode()) % buckets for v in unique.to_pylist()], dtype=np.int64)
+    return hashed[pc.index_in(query_ids, unique).to_numpy(zero_copy_only=False)]
 
-    def __init__(
-        self,
-        model: ModelConfig,
-        layout: InputLayout,
-        top_n: int,
-        final: bool,
-        num_threads: int,
-        sink: RejectSink,
-        counts: Any,
-    ) -> None:
+
+def _parquet_bytes(table: pa.Table, groups: list[pa.Table] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, table.schema) as writer:
+        for part in groups or [table]:
+            writer.write_table(part, row_group_size=max(1, part.num_rows))
+    return buf.getvalue()
+
+
+def score_unit(unit: Unit, spec: WorkerSpec, scorer: Any, storage: Storage, progress: Progress) -> dict[str, Any]:
+    """Read, validate, score and commit one unit; returns its commit record (its counts)."""
+    layout = spec.layout
+    if layout.layout == PACKED:
+        table = read_unit(storage, unit, ["query_id", "query", "candidates"])
+        pairs, empty = records.explode_packed(table, layout)
+        rejects = [empty]
+    else:
+        flags = ["_no_candidates"] if spec.corpus_packed else []
+        pairs = read_unit(storage, unit, records.pair_columns(layout, with_text=True) + flags)
+        rejects = []
+    pairs_in = pairs.num_rows + sum(r.num_rows for r in rejects)
+    valid, bad = records.split_rejects(pairs, layout, spec.max_text_bytes, corpus=spec.corpus)
+    valid, dup = records.split_duplicates(valid, layout)
+    rejects += [bad, dup]
+
+    queries, texts = valid.column("query").to_pylist(), valid.column("text").to_pylist()
+    scores, windows = [], 0
+    for i in range(0, len(queries), spec.batch_rows):
+        scores.append(scorer.score(queries[i : i + spec.batch_rows], texts[i : i + spec.batch_rows]))
+        windows += getattr(scorer, "last_windows", len(scores[-1]))
+    keep = ["query_id", "doc_id"] + (["first_stage_rank"] if layout.has_first_stage_rank else [])
+    score_array = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    scored = valid.select(keep).append_column("score", pa.array(score_array, pa.float32()))
+    scored, non_finite = records.split_non_finite(scored, layout)
+    rejects.append(non_finite)
+
+    top = records.top_n_per_query(scored, spec.top_n, with_rank=False)
+    buckets = bucket_of(top.column("query_id"), spec.buckets)
+    order = np.argsort(buckets, kind="stable")
+    top, buckets = top.take(pa.array(order)), buckets[order]
+    present = sorted(set(buckets.tolist()))
+    starts = np.searchsorted(buckets, present)
+    ends = np.searchsorted(buckets, present, side="right")
+    groups = [top.slice(int(a), int(b - a)) for a, b in zip(starts, ends)]
+
+    rejected = pa.concat_tables([r.cast(layout.reject_schema) for r in rejects])
+    by_reason = {item["values"]: item["counts"] for item in pc.value_counts(rejected.column("reason")).to_pylist()}
+    record = {
+        "uid": unit.uid,
+        "pairs_in": pairs_in,
+        "pairs_scored": scored.num_rows,
+        "windows_scored": windows,
+        "rejected": dict(sorted(by_reason.items())),
+        "buckets": {str(b): i for i, b in enumerate(present)},
+    }
+    if pairs_in != scored.num_rows + rejected.num_rows:
+        raise JobError(
+            f"unit {unit.uid}: {pairs_in} pairs in but {scored.num_rows} scored + {rejected.num_rows} rejected"
+        )
+    progress.commit_unit(
+        unit.uid,
+        _parquet_bytes(top, groups) if top.num_rows else None,
+        _parquet_bytes(rejected) if rejected.num_rows else None,
+        record,
+    )
+    return record
+
+
+class ScoreWorker:
+    """A scoring actor: one model copy; `run(unit)` scores and commits one unit."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
         from pipelines.scoring import Scorer
 
-        if model.num_threads is None and not torch.cuda.is_available():
-            torch.set_num_threads(num_threads)
-        self.scorer = Scorer(model)
-        self.layout, self.top_n, self.final, self.sink, self.counts = layout, top_n, final, sink, counts
+        if spec.model.num_threads is None and not torch.cuda.is_available():
+            torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.scorer = Scorer(spec.model)
+        self.storage = Storage.for_uri(spec.input_protocol_uri, spec.storage)
+        out = Storage.for_uri(spec.output_uri, spec.storage)
+        self.progress = Progress(out, out.path(spec.output_uri))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.layout.layout == PACKED and self.final:
-            batch = prepare_pairs(batch, layout=self.layout, explode=True, sink=self.sink, counts=self.counts)
-        scores = self.scorer.score(batch.column("query").to_pylist(), batch.column("text").to_pylist())
-        keep = ["query_id", "doc_id"] + (["first_stage_rank"] if self.layout.has_first_stage_rank else [])
-        scored = batch.select(keep).append_column("score", pa.array(scores, pa.float32()))
-        scored, bad = records.split_non_finite(scored, self.layout)
-        self.sink.write(bad)
-        self.counts.add.remote(pairs_scored=scored.num_rows)
-        top = records.top_n_per_query(scored, self.top_n, with_rank=self.final)
-        return top.select(records.output_columns(self.layout)) if self.final else top
+    def ready(self) -> dict[str, Any]:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def run(self, unit: Unit) -> dict[str, Any]:
+        return score_unit(unit, self.spec, self.scorer, self.storage, self.progress)
 
 
-def final_top_n(group: pa.Table, *, top_n: int, columns: list[str]) -> pa.Table:
-    return records.top_n_per_query(group, top_n).select(columns)
+# ---------------------------------------------------------------------------- the reduce
+
+
+@dataclass(frozen=True)
+class ReduceSpec:
+    layout: InputLayout
+    storage: StorageConfig
+    output_uri: str
+    top_n: int
+    rows_per_file: int
+
+
+def output_schema(layout: InputLayout) -> pa.Schema:
+    fields = [
+        pa.field("query_id", layout.query_id_type),
+        pa.field("doc_id", layout.doc_id_type),
+        pa.field("rank", pa.int32()),
+        pa.field("score", pa.float32()),
+    ]
+    if layout.has_first_stage_rank:
+        fields.append(pa.field("first_stage_rank", pa.int64()))
+    return pa.schema(fields)
+
+
+def reduce_bucket(bucket: int, parts: list[tuple[str, int]], spec: ReduceSpec, write_empty: bool) -> dict[str, Any]:
+    """The final top-N of one bucket's queries from the units' partials; writes result files and checks them."""
+    out = Storage.for_uri(spec.output_uri, spec.storage)
+    progress = Progress(out, out.path(spec.output_uri))
+
+    def read(part: tuple[str, int]) -> pa.Table:
+        uid, group = part
+        with out.fs.open(progress.partial_path(uid), "rb") as f:
+            return pq.ParquetFile(f).read_row_group(group)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = list(pool.map(read, parts))
+    schema = output_schema(spec.layout)
+    partial = pa.concat_tables(tables) if tables else None
+    if partial is None or partial.num_rows == 0:
+        kept, dups = schema.empty_table(), spec.layout.reject_schema.empty_table()
+        top = schema.empty_table()
+    else:
+        kept, dups = records.best_of_duplicates(partial, spec.layout)
+        top = records.top_n_per_query(kept, spec.top_n).select(schema.names).cast(schema)
+    files = []
+    if top.num_rows or write_empty:
+        for j, start in enumerate(range(0, max(top.num_rows, 1), spec.rows_per_file)):
+            path = progress.output_path(bucket, j)
+            out.write_parquet(path, top.slice(start, spec.rows_per_file))
+            files.append(path)
+    if dups.num_rows:
+        out.write_parquet(progress.rejects_path(f"reduce-{bucket:05d}"), dups)
+    # Check what was written, from the files: ranks 1..n per query, one row per (query_id, doc_id).
+    problems, queries_out = [], 0
+    if files:
+        written = pa.concat_tables([_read(out, p, ["query_id", "doc_id", "rank"]) for p in files])
+        ordered = written.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+        if not np.array_equal(records.positions_in_groups(ordered.column("query_id")), ordered.column("rank")):
+            problems.append(f"bucket {bucket}: ranks are not 1..n within every query")
+        if written.group_by(["query_id", "doc_id"]).aggregate([]).num_rows != written.num_rows:
+            problems.append(f"bucket {bucket}: a (query_id, doc_id) appears twice")
+        queries_out = pc.sum(pc.equal(written.column("rank"), 1)).as_py() or 0
+    queries_in = len(pc.unique(kept.column("query_id"))) if kept.num_rows else 0
+    if queries_in != queries_out:
+        problems.append(f"bucket {bucket}: {queries_in} queries with scored pairs but {queries_out} in the results")
+    return {
+        "bucket": bucket,
+        "rows": top.num_rows,
+        "queries": queries_out,
+        "duplicates": dups.num_rows,
+        "problems": problems,
+    }
 
 
 # ---------------------------------------------------------------------------- planning
 
 
 def _schemas(storage: Storage, files: list[str]) -> list[pa.Schema]:
-    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
         return list(pool.map(storage.read_schema, files))
 
 
@@ -190,12 +378,51 @@ def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[tuple[str, int
 
 
 def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[tuple[str, int]]]:
+    """Check the corpus files' columns, and that no doc_id appears twice (a pair would join two texts)."""
     storage = Storage.for_uri(config.input.corpus_uri, config.storage)
     files = storage.list_parquet(config.input.corpus_uri)
     paths = [p for p, _ in files]
     for path, schema in zip(paths, _schemas(storage, paths)):
         records.check_corpus(schema, storage.uri(path), layout.doc_id_type)
+    ids = pa.chunked_array(
+        [c for p in paths for c in storage.read_column(p, "doc_id").cast(layout.doc_id_type).chunks],
+        type=layout.doc_id_type,
+    )
+    if len(pc.unique(ids)) != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise InputError(
+            f"the corpus {config.input.corpus_uri} holds doc_id {dup!r} more than once; doc_ids must be unique "
+            "(deduplicate the corpus first)"
+        )
     return storage, files
+
+
+def plan_units(storage: Storage, files: list[str], layout: InputLayout, unit_rows: int) -> tuple[list[Unit], int]:
+    """Cut every file into units of about unit_rows pairs (packed rows count their mean candidates); returns the
+    units and the input's row count. Zero-row files give no unit."""
+    import pyarrow.parquet as pq
+
+    def rows_and_weight(path: str) -> tuple[int, float]:
+        with storage.fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            rows = pf.metadata.num_rows
+            if layout.layout != PACKED or rows == 0 or pf.metadata.num_row_groups == 0:
+                return rows, 1.0
+            lengths = pc.list_value_length(pf.read_row_group(0, columns=["candidates"]).column("candidates"))
+            return rows, max(1.0, pc.mean(lengths).as_py() or 1.0)
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
+            sizes = list(pool.map(rows_and_weight, files))
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"cannot read the Parquet metadata of the input: {type(err).__name__}: {err}") from None
+    units, total = [], 0
+    for path, (rows, weight) in zip(files, sizes):
+        total += rows
+        step = max(1, int(unit_rows / weight))
+        units += [Unit.of(path, s, min(rows, s + step)) for s in range(0, rows, step)]
+    return units, total
 
 
 def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
@@ -211,6 +438,8 @@ def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
     if scale.num_actors == "auto":
         if gpus > 0:
             n = max(1, int(gpus_total // gpus))
+        elif scale.actor_resources:
+            n = max(1, int(min(resources.get(k, 0.0) / v for k, v in scale.actor_resources.items() if v > 0)))
         else:
             n = max(1, int((resources.get("CPU", 1.0) - 2) // scale.num_cpus_per_actor))
     else:
@@ -220,30 +449,39 @@ def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
         "max_actors": max(n, scale.max_actors or n),
         "num_gpus_per_actor": float(gpus),
         "num_cpus_per_actor": scale.num_cpus_per_actor,
+        "actor_resources": dict(scale.actor_resources),
         "batch_rows": scale.batch_rows,
+        "unit_rows": scale.unit_rows,
     }
 
 
-def _num_partitions(config: RerankJobConfig, total_bytes: int) -> int:
+def _num_buckets(config: RerankJobConfig, total_bytes: int) -> int:
     if config.scale.num_partitions:
         return config.scale.num_partitions
-    return max(2, min(128, math.ceil(total_bytes / SHUFFLE_BYTES_PER_PARTITION)))
+    return max(1, min(128, math.ceil(total_bytes / BUCKET_BYTES)))
 
 
-def _mean_candidates(storage: Storage, path: str) -> float:
-    """Mean candidate-list length in the first row group of a packed file, to size actor batches in pairs."""
-    import pyarrow.parquet as pq
+def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: list[tuple[str, int]]) -> dict[str, Any]:
+    """What shapes a job's output: a resume must match it. Scale, Ray, storage credentials and output.mode do
+    not change the results, so they may differ."""
+    data = config.model_dump(mode="json")
+    for section in ("scale", "ray", "storage"):
+        data.pop(section, None)
+    data["output"].pop("mode", None)
+    data["input"].pop("uri", None)  # the files themselves are compared
+    data["model"].pop("num_threads", None)
+    data["model_revision"] = model.get("revision")
+    data["input_files"] = {p: size for p, size in inputs}
+    return data
 
-    with storage.fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        if pf.metadata.num_row_groups == 0:
-            return 1.0
-        lengths = pc.list_value_length(pf.read_row_group(0, columns=["candidates"]).column("candidates"))
-        mean = pc.mean(lengths).as_py()
-    return max(1.0, mean or 1.0)
 
-
-# ---------------------------------------------------------------------------- the job
+def _input_roots(storage: Storage, uris: str | list[str]) -> list[str]:
+    roots = []
+    for uri in [uris] if isinstance(uris, str) else uris:
+        path = storage.path(uri)
+        cut = min((path.index(c) for c in "*?[" if c in path), default=None)
+        roots.append(path[:cut].rsplit("/", 1)[0] if cut is not None else path)
+    return roots
 
 
 @dataclass
@@ -259,10 +497,20 @@ class JobPlan:
     model: dict[str, Any]
     out_storage: Storage
     out_path: str
+    state: str
+    fingerprint: dict[str, Any]
 
     @property
     def paths(self) -> list[str]:
         return [p for p, _ in self.files]
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.out_storage, self.out_path)
+
+    @property
+    def already_complete(self) -> bool:
+        return self.state == COMPLETE and self.config.output.mode == "resume"
 
 
 def plan_rerank(config: RerankJobConfig) -> JobPlan:
@@ -273,124 +521,204 @@ def plan_rerank(config: RerankJobConfig) -> JobPlan:
     corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
     model = describe_model(config.model)
     out_storage = Storage.for_uri(config.output.uri, config.storage)
-    protect = [p for p, _ in files] + ([p for p, _ in corpus[1]] if corpus else [])
-    out_path = out_storage.check_output(
-        config.output.uri, config.output.mode, protect if out_storage.protocol == storage.protocol else []
-    )
-    return JobPlan(config, storage, files, layout, schema, corpus, model, out_storage, out_path)
+    out_path = out_storage.path(config.output.uri)
+    if out_storage.protocol == storage.protocol:
+        protect = [p for p, _ in files] + _input_roots(storage, config.input.uri)
+        if corpus:
+            protect += [p for p, _ in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
+        for other in protect:
+            o = other.rstrip("/")
+            if o == out_path or o.startswith(out_path + "/") or out_path.startswith(o + "/"):
+                raise OutputError(
+                    f"output.uri {config.output.uri} overlaps the input {storage.uri(o)}: a later run would read "
+                    "the results as input; choose a folder outside the input"
+                )
+    progress = Progress(out_storage, out_path)
+    try:
+        state = progress.state()
+    except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
+        raise OutputError(f"cannot access output {config.output.uri}: {type(err).__name__}: {err}") from None
+    mode = config.output.mode
+    fingerprint = job_fingerprint(config, model, files + (corpus[1] if corpus else []))
+    if mode == "error" and state == INCOMPLETE:
+        raise OutputError(
+            f"output {config.output.uri} holds {progress.describe_incomplete()}: finish it with --resume "
+            "(output.mode=resume), or start over with output.mode=overwrite"
+        )
+    if mode in ("error", "resume") and state == FOREIGN:
+        raise OutputError(
+            f"output {config.output.uri} already holds files that are not a rerank job's; set output.mode=overwrite "
+            "to replace them or pick a new output.uri"
+        )
+    if mode == "error" and state == COMPLETE:
+        raise OutputError(
+            f"output {config.output.uri} already holds a finished job; set output.mode=overwrite to replace it or "
+            "pick a new output.uri"
+        )
+    if mode == "resume" and state == INCOMPLETE:
+        recorded = (progress.read_manifest() or {}).get("fingerprint", {})
+        diff = differences(recorded, fingerprint)
+        if diff:
+            raise OutputError(
+                f"cannot resume {config.output.uri}: the job differs from the one recorded there: {'; '.join(diff[:3])}"
+                f"{f' (and {len(diff) - 3} more)' if len(diff) > 3 else ''}; use the same config, or "
+                "output.mode=overwrite to start over"
+            )
+    if not (mode == "resume" and state == COMPLETE):
+        progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
+        out_storage.check_writable(progress_dir)
+    return JobPlan(config, storage, files, layout, schema, corpus, model, out_storage, out_path, state, fingerprint)
+
+
+# ---------------------------------------------------------------------------- the job
 
 
 def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSummary:
-    """Run one reranking job. Ray must already be initialised (or RAY_ADDRESS set) by the caller."""
-    import ray
-    import ray.data
-
-    from pipelines.scoring import default_threads
-
+    """Run (or resume) one reranking job. Ray must already be initialised by the caller."""
     started = time.perf_counter()
     plan = plan or plan_rerank(config)
-    storage, files, layout, corpus, paths = plan.storage, plan.files, plan.layout, plan.corpus, plan.paths
-    out_storage, out_path = plan.out_storage, plan.out_path
-    out_storage.clear_output(out_path)
+    progress = plan.progress
+    if plan.already_complete:
+        recorded = progress.read_summary() or {}
+        log.info("rerank: %s is already complete; nothing to do", config.output.uri)
+        return JobSummary.from_dict(recorded | {"output_uri": config.output.uri})
+    if config.output.mode == "overwrite" and plan.state != EMPTY:
+        progress.clear_all()
+
+    manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
     scale = resolve_scale(config)
-    partitions = _num_partitions(config, sum(s for _, s in files))
+    layout = plan.layout
+    if manifest is None:
+        buckets = _num_buckets(config, sum(s for _, s in plan.files))
+        manifest = {"version": MANIFEST_VERSION, "fingerprint": plan.fingerprint, "buckets": buckets, "units": None}
+        progress.write_manifest(manifest)
+    buckets = manifest["buckets"]
+
+    unit_storage = plan.storage
+    if manifest["units"] is None:
+        if plan.corpus is not None:
+            unit_storage, unit_files = _join_corpus(config, plan, buckets)
+            layout = _joined_layout(layout)
+        else:
+            unit_files = plan.paths
+        units, _ = plan_units(unit_storage, unit_files, layout, config.scale.unit_rows)
+        manifest["units"] = [[u.uid, u.path, u.start, u.end] for u in units]
+        progress.write_manifest(manifest)
+    else:
+        units = [Unit(uid, path, start, end) for uid, path, start, end in manifest["units"]]
+        if plan.corpus is not None:
+            unit_storage, layout = plan.out_storage, _joined_layout(layout)
+
+    done = progress.done_units()
+    todo = [u for u in units if u.uid not in done]
     log.info(
-        "rerank: %d input file(s), %s layout%s; %d-%d scoring actor(s) x %.2g CPU / %.2g GPU",
-        len(paths),
+        "rerank: %d input file(s), %s layout%s: %d unit(s), %d to score (%d done before); %d-%d actor(s) x %.2g CPU "
+        "/ %.2g GPU; %d reduce bucket(s)",
+        len(plan.files),
         layout.layout,
-        " + corpus join" if corpus else "",
+        " + corpus join" if plan.corpus else "",
+        len(units),
+        len(todo),
+        len(units) - len(todo),
         scale["min_actors"],
         scale["max_actors"],
         scale["num_cpus_per_actor"],
         scale["num_gpus_per_actor"],
+        buckets,
     )
+    from pipelines.scoring import default_threads
 
-    sink = RejectSink(config.output.uri, config.storage)
-    counts = ray.remote(num_cpus=0)(Counts).remote()
-    packed_direct = layout.layout == PACKED and corpus is None
-    # Only the columns the job uses: less I/O. For flat input the schema of those columns (checked equal in every
-    # file by the plan) is given too, so extra columns whose types differ between files do not matter.
-    read_args: dict[str, Any] = {"columns": ["query_id", "query", "candidates"]}
-    if layout.layout == FLAT:
-        read_args["columns"] = records.pair_columns(layout, layout.has_text)
-        read_args["schema"] = pa.schema([plan.schema.field(c) for c in read_args["columns"]])
-    try:
-        ds = ray.data.read_parquet(paths, filesystem=storage.arrow_fs, **read_args)
-    except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
-        raise _as_input_error(err) from None
-    if packed_direct:
-        rows_per_call = max(1, int(scale["batch_rows"] / _mean_candidates(storage, paths[0])))
-    else:
-        rows_per_call = scale["batch_rows"]
-        ds = ds.map_batches(
-            prepare_pairs,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "layout": layout,
-                "explode": layout.layout == PACKED,
-                "sink": sink,
-                "counts": counts,
-            },
-        )
-    if corpus is not None:
-        corpus_storage, corpus_files = corpus
-        docs = ray.data.read_parquet(
-            [p for p, _ in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
-        ).map_batches(_cast_corpus, batch_format="pyarrow", fn_kwargs={"doc_id_type": layout.doc_id_type})
-        ds = ds.join(docs, join_type="left_outer", num_partitions=partitions, on=("doc_id",))
-        ds = ds.map_batches(check_joined_text, batch_format="pyarrow", fn_kwargs={"layout": layout, "sink": sink})
-    # Small inputs can arrive as one block; even blocks keep every actor busy.
-    ds = ds.repartition(target_num_rows_per_block=rows_per_call)
-    ds = ds.map_batches(
-        ScoreActor,
-        batch_format="pyarrow",
-        batch_size=rows_per_call,
-        compute=ray.data.ActorPoolStrategy(min_size=scale["min_actors"], max_size=scale["max_actors"]),
-        num_cpus=scale["num_cpus_per_actor"],
-        num_gpus=scale["num_gpus_per_actor"],
-        fn_constructor_kwargs={
-            "model": config.model,
-            "layout": layout,
-            "top_n": config.output.top_n,
-            "final": packed_direct,
-            "num_threads": default_threads(scale["num_cpus_per_actor"]),
-            "sink": sink,
-            "counts": counts,
-        },
+    spec = WorkerSpec(
+        model=config.model,
+        layout=layout,
+        storage=config.storage,
+        input_protocol_uri=unit_storage.uri(units[0].path) if units else config.output.uri,
+        output_uri=config.output.uri,
+        top_n=config.output.top_n,
+        buckets=buckets,
+        batch_rows=config.scale.batch_rows,
+        max_text_bytes=config.input.max_text_bytes,
+        corpus=plan.corpus is not None,
+        num_threads=default_threads(scale["num_cpus_per_actor"]),
+        corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
     )
-    columns = records.output_columns(layout)
-    if not packed_direct:
-        ds = ds.groupby("query_id", num_partitions=partitions).map_groups(
-            final_top_n, batch_format="pyarrow", fn_kwargs={"top_n": config.output.top_n, "columns": columns}
-        )
-    try:
-        ds.write_parquet(
-            out_storage.uri(out_path),
-            filesystem=out_storage.arrow_fs,
-            min_rows_per_file=min(config.output.rows_per_file, 500_000),
-            max_rows_per_file=config.output.rows_per_file,
-        )
-    except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
-        raise _as_input_error(err) from None
+    retried = _score_units(spec, todo, scale, config) if todo else 0
+    commits = progress.read_done([u.uid for u in units])
 
-    counted = ray.get(counts.get.remote())
-    ray.kill(counts)
     summary = JobSummary(
         output_uri=config.output.uri,
-        layout=layout.layout + (" + corpus" if corpus else ""),
+        layout=plan.layout.layout + (" + corpus" if plan.corpus else ""),
         config=config.model_dump(mode="json"),
         model=plan.model,
-        input_files=len(paths),
-        pairs_in=counted.get("pairs_in", 0),
-        pairs_scored=counted.get("pairs_scored", 0),
-        scale=scale | {"shuffle_partitions": None if packed_direct else partitions},
+        input_files=len(plan.files),
+        units=len(units),
+        units_resumed=len(units) - len(todo),
+        units_retried=retried,
+        scale=scale | {"reduce_buckets": buckets},
     )
-    _count_output(out_storage, out_path, summary)
+    _reduce(plan, layout, buckets, commits, summary)
     summary.wall_time_s = round(time.perf_counter() - started, 3)
-    summary.pairs_per_s = round(summary.pairs_scored / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
-    out_storage.write_json(out_path + "/_summary.json", summary.to_dict())
-    out_storage.write_text(out_path + "/_SUCCESS", "")
+    scored_now = sum(commits[u.uid]["pairs_scored"] for u in todo)
+    summary.pairs_per_s = round(scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
+    progress.finish(summary.to_dict())
     return summary
+
+
+def _joined_layout(layout: InputLayout) -> InputLayout:
+    return InputLayout(
+        layout=FLAT,
+        query_id_type=layout.query_id_type,
+        doc_id_type=layout.doc_id_type,
+        has_text=True,
+        has_first_stage_rank=layout.has_first_stage_rank,
+        has_first_stage_score=layout.has_first_stage_score,
+    )
+
+
+def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tuple[Storage, list[str]]:
+    """Candidates joined with the corpus text (Ray Data), written under _work/joined/; its files are the units'
+    input. Packed candidates are flattened first; a row whose doc_id the corpus lacks keeps a null text."""
+    import ray.data
+
+    layout = plan.layout
+    joined = f"{plan.out_path}/_work/joined"
+    plan.out_storage.remove(joined)
+    columns = ["query_id", "query", "candidates"] if layout.layout == PACKED else records.pair_columns(layout, False)
+    ds = ray.data.read_parquet(plan.paths, filesystem=plan.storage.arrow_fs, columns=columns)
+    ds = ds.map_batches(_flatten_for_join, batch_format="pyarrow", fn_kwargs={"layout": layout})
+    corpus_storage, corpus_files = plan.corpus
+    docs = ray.data.read_parquet(
+        [p for p, _ in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
+    ).map_batches(_cast_corpus, batch_format="pyarrow", fn_kwargs={"doc_id_type": layout.doc_id_type})
+    ds = ds.join(docs, join_type="left_outer", num_partitions=max(2, partitions), on=("doc_id",))
+    ds = ds.map_batches(
+        _joined_columns,
+        batch_format="pyarrow",
+        fn_kwargs={"layout": _joined_layout(layout), "packed": layout.layout == PACKED},
+    )
+    try:
+        ds.write_parquet(plan.out_storage.uri(joined), filesystem=plan.out_storage.arrow_fs)
+    except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
+        raise _as_input_error(err) from None
+    return plan.out_storage, [p for p, _ in plan.out_storage.list_parquet(plan.out_storage.uri(joined))]
+
+
+def _flatten_for_join(batch: pa.Table, *, layout: InputLayout) -> pa.Table:
+    """Packed rows to one row per candidate; a query without candidates keeps one row, marked `_no_candidates`
+    (it becomes a no_candidates reject after the join)."""
+    if layout.layout != PACKED:
+        return batch
+    flat, empty = records.explode_packed(batch, layout)
+    filler = {c: pa.nulls(empty.num_rows, flat.schema.field(c).type) for c in flat.column_names}
+    filler["query_id"] = empty.column("query_id")
+    both = pa.concat_tables([flat, pa.table(filler, schema=flat.schema)])
+    flags = np.zeros(both.num_rows, dtype=bool)
+    flags[flat.num_rows :] = True
+    return both.append_column("_no_candidates", pa.array(flags))
+
+
+def _joined_columns(batch: pa.Table, *, layout: InputLayout, packed: bool) -> pa.Table:
+    return batch.select(records.pair_columns(layout, with_text=True) + (["_no_candidates"] if packed else []))
 
 
 def _cast_corpus(batch: pa.Table, *, doc_id_type: pa.DataType) -> pa.Table:
@@ -399,18 +727,174 @@ def _cast_corpus(batch: pa.Table, *, doc_id_type: pa.DataType) -> pa.Table:
     )
 
 
-def _count_output(storage: Storage, out_path: str, summary: JobSummary) -> None:
-    """Rows written and queries served (rows ranked 1) from the files themselves; rejects by reason."""
-    for path in storage.parquet_files(out_path):
-        rank = storage.read_column(path, "rank")
-        summary.rows_written += len(rank)
-        summary.queries += pc.sum(pc.equal(rank, 1)).as_py() or 0
-    reasons: dict[str, int] = {}
-    for path in storage.parquet_files(out_path + "/_rejects"):
-        for item in pc.value_counts(storage.read_column(path, "reason")).to_pylist():
-            reasons[item["values"]] = reasons.get(item["values"], 0) + item["counts"]
+def _score_units(spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], config: RerankJobConfig) -> int:
+    """Score units on an actor pool until every one has committed. Units of an actor that died go back to the
+    queue (each at most scale.unit_retries times); an actor that cannot start fails the job with its error."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    options: dict[str, Any] = {
+        "num_cpus": scale["num_cpus_per_actor"],
+        "num_gpus": scale["num_gpus_per_actor"],
+        "max_restarts": config.scale.max_restarts,
+        "max_task_retries": 0,  # the driver re-queues a lost unit itself, counting attempts
+    }
+    if scale["actor_resources"]:
+        options["resources"] = scale["actor_resources"]
+    worker = ray.remote(ScoreWorker).options(**options)
+    actors = [worker.remote(spec) for _ in range(min(scale["max_actors"], len(units)))]
+    probing = {a.ready.remote(): a for a in actors}
+    ready: list[Any] = []
+    load: collections.Counter = collections.Counter()
+    inflight: dict[Any, tuple[Any, Unit]] = {}
+    queue = collections.deque(units)
+    attempts: collections.Counter = collections.Counter()
+    started = last_log = time.monotonic()
+    any_ready, finished, pairs = False, 0, 0
+    try:
+        while queue or inflight:
+            for actor in ready:
+                while queue and load[actor] < UNITS_IN_FLIGHT_PER_ACTOR:
+                    unit = queue.popleft()
+                    inflight[actor.run.remote(unit)] = (actor, unit)
+                    load[actor] += 1
+            if not inflight and not probing:
+                raise JobError("every scoring actor died; see the errors above (ray logs) for why")
+            done, _ = ray.wait(list(inflight) + list(probing), num_returns=1, timeout=30.0)
+            now = time.monotonic()
+            if not done:
+                if not any_ready and now - started > config.scale.actor_start_timeout_s:
+                    raise JobError(
+                        f"no scoring actor started within {config.scale.actor_start_timeout_s:.0f} s: the cluster "
+                        f"lacks {scale['num_cpus_per_actor']} CPU / {scale['num_gpus_per_actor']} GPU"
+                        f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''} free per actor"
+                    )
+                if now - last_log > 60:
+                    log.info(
+                        "rerank: waiting: %d of %d units done, %d actor(s) ready", finished, len(units), len(ready)
+                    )
+                    last_log = now
+                continue
+            ref = done[0]
+            if ref in probing:
+                actor = probing.pop(ref)
+                try:
+                    ray.get(ref)
+                    ready.append(actor)
+                    any_ready = True
+                except RayActorError as err:
+                    if not any_ready:
+                        raise JobError(f"the scoring actor could not start: {_root_cause(err)}") from None
+                    log.warning("rerank: a scoring actor is gone for good: %s", _root_cause(err))
+                continue
+            actor, unit = inflight.pop(ref)
+            load[actor] -= 1
+            try:
+                record = ray.get(ref)
+            except RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, RerankError):
+                    raise cause from None
+                _retry(unit, attempts, config, queue, f"it failed: {_root_cause(err)}")
+                continue
+            except RayActorError as err:
+                _retry(unit, attempts, config, queue, f"its actor died: {_root_cause(err)}")
+                if actor in ready:  # a restarted actor answers ready() again; a dead one raises
+                    ready.remove(actor)
+                    probing[actor.ready.remote()] = actor
+                continue
+            finished += 1
+            pairs += record["pairs_scored"]
+            if now - last_log > 30 or finished == len(units):
+                rate = pairs / max(now - started, 1e-9)
+                log.info("rerank: %d of %d units done (%.1f pairs/s)", finished, len(units), rate)
+                last_log = now
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    return sum(attempts.values())
+
+
+def _retry(unit: Unit, attempts: collections.Counter, config: RerankJobConfig, queue: collections.deque, why: str):
+    attempts[unit.uid] += 1
+    if attempts[unit.uid] > config.scale.unit_retries:
+        raise JobError(
+            f"unit {unit.uid} (rows {unit.start:,}-{unit.end:,} of {unit.path}) failed {attempts[unit.uid]} times; "
+            f"last: {why}"
+        )
+    log.warning("rerank: retrying unit %s (attempt %d): %s", unit.uid, attempts[unit.uid] + 1, why)
+    queue.appendleft(unit)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The last 'SomethingError: message' line of a Ray error (the user code's own error), else its first line."""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception): ", ln)]
+    line = lines[-1] if lines else (text.strip().splitlines() or [type(err).__name__])[0]
+    return line[:500]
+
+
+def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, commits: dict[str, dict], summary: JobSummary) -> None:
+    """The final top-N per bucket (Ray tasks), then the job's accounting, checked."""
+    import ray
+
+    config = plan.config
+    progress = plan.progress
+    progress.clear_results()
+    parts: dict[int, list[tuple[str, int]]] = {b: [] for b in range(buckets)}
+    for uid, record in commits.items():
+        for bucket, group in record["buckets"].items():
+            parts[int(bucket)].append((uid, group))
+    spec = ReduceSpec(layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file)
+    task = ray.remote(reduce_bucket).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+    nonempty = [b for b in range(buckets) if parts[b]]
+    refs = [task.remote(b, parts[b], spec, False) for b in nonempty] or [task.remote(0, [], spec, True)]
+    try:
+        results = ray.get(refs)
+    except Exception as err:  # noqa: BLE001
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, RerankError):
+            raise cause from None
+        raise JobError(f"the final top-N failed: {_root_cause(err)}") from None
+
+    reasons: collections.Counter = collections.Counter()
+    for record in commits.values():
+        summary.pairs_in += record["pairs_in"]
+        summary.pairs_scored += record["pairs_scored"]
+        summary.windows_scored += record.get("windows_scored", 0)
+        reasons.update(record["rejected"])
+    duplicates = sum(r["duplicates"] for r in results)
+    if duplicates:
+        reasons[records.DUPLICATE] += duplicates
+        summary.pairs_scored -= duplicates
     summary.rejected_by_reason = dict(sorted(reasons.items()))
     summary.rejected = sum(reasons.values())
+    summary.rows_written = sum(r["rows"] for r in results)
+    summary.queries = sum(r["queries"] for r in results)
+
+    problems = [p for r in results for p in r["problems"]]
+    if summary.pairs_in != summary.pairs_scored + summary.rejected:
+        problems.append(
+            f"pairs_in {summary.pairs_in} != pairs_scored {summary.pairs_scored} + rejected {summary.rejected}"
+        )
+    rejected_rows = sum(
+        _num_rows(plan.out_storage, progress.rejects_path(n.removesuffix(".parquet")))
+        for n in plan.out_storage.list_names(f"{plan.out_path}/_rejects", ".parquet")
+    )
+    if rejected_rows != summary.rejected:
+        problems.append(f"{summary.rejected} rejects counted but {rejected_rows} rows in _rejects/")
+    if problems:
+        raise JobError(f"the job's accounting does not add up, so no _SUCCESS was written: {'; '.join(problems)}")
+
+
+def _read(storage: Storage, path: str, columns: list[str]) -> pa.Table:
+    with storage.fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _num_rows(storage: Storage, path: str) -> int:
+    with storage.fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _as_input_error(err: Exception) -> Exception:

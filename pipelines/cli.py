@@ -33,12 +33,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.batch import plan_rerank, run_rerank
     from pipelines.config import RerankJobConfig, load_config
 
-    config = load_config(RerankJobConfig, args.config, args.overrides)
+    overrides = args.overrides + (["output.mode=resume"] if args.resume else [])
+    config = load_config(RerankJobConfig, args.config, overrides)
     plan = plan_rerank(config)  # every input, model and output check before Ray starts
+    if plan.already_complete:
+        print(f"rerank: {config.output.uri} is already complete (it has _SUCCESS); nothing to do", flush=True)
+        return 0
     connect(config.ray)
     summary = run_rerank(config, plan)
     print(summary.one_line(), flush=True)
     return 0
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run of this job in output.uri (same as --set output.mode=resume)",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -56,7 +69,7 @@ def _register_builtin() -> None:
         p.add_argument("--output", default="rerank-output/demo", help="where to write the demo results")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    COMMANDS["run"] = ("rerank Parquet candidates with a model, top-N per query out", _add_config_args, _cmd_run)
+    COMMANDS["run"] = ("rerank Parquet candidates with a model, top-N per query out", _run_args, _cmd_run)
     COMMANDS["demo"] = ("run the batch job on the bundled Cranfield data with the offline MiniLM", demo_args, _cmd_demo)
 
 

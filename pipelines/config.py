@@ -176,7 +176,15 @@ class InputConfig(_Strict):
         ..., description="Parquet candidates: a folder, a glob or a list of files; local paths or s3://bucket/prefix."
     )
     corpus_uri: str | None = Field(
-        None, description="Parquet corpus (doc_id, text) to join passage text from when candidates carry only doc_id."
+        None,
+        description="Parquet corpus (doc_id, text) to join passage text from when candidates carry only doc_id; "
+        "its doc_ids must be unique.",
+    )
+    max_text_bytes: int = Field(
+        8 * 1024**2,
+        ge=1,
+        description="A query or passage longer than this (UTF-8 bytes) is rejected (reason text_too_long) instead "
+        "of tokenised.",
     )
 
     @field_validator("uri")
@@ -192,8 +200,10 @@ class OutputConfig(_Strict):
         ..., description="Folder (local or s3://) for the top-N Parquet files, _summary.json and _rejects/."
     )
     top_n: int = Field(10, ge=1, description="Candidates kept per query.")
-    mode: Literal["error", "overwrite"] = Field(
-        "error", description="error: stop if the output folder is not empty. overwrite: delete it first."
+    mode: Literal["error", "overwrite", "resume"] = Field(
+        "error",
+        description="error: stop if the output folder is not empty. overwrite: delete it first. resume: finish an "
+        "interrupted run of the same job (only unfinished input units are redone); a finished one is left as is.",
     )
     rows_per_file: int = Field(1_000_000, ge=1, description="Upper bound on rows per output Parquet file.")
 
@@ -219,12 +229,39 @@ class ScaleConfig(_Strict):
         "threads scored 25% faster than two actors with one thread each).",
     )
     batch_rows: int = Field(
-        512, ge=1, description="Pairs handed to an actor per call (sorted into micro-batches inside)."
+        512, ge=1, description="Pairs handed to the model per call (sorted into micro-batches inside)."
+    )
+    unit_rows: int = Field(
+        20_000,
+        ge=1,
+        description="Input pairs per unit of work: a slice of one file that an actor scores and commits in one "
+        "go. A failure or a resume redoes at most the units in flight.",
     )
     num_partitions: int | None = Field(
         None,
         ge=1,
-        description="Shuffle partitions for the flat layout's per-query top-N and the corpus join (default: from input size).",
+        description="Buckets of the final per-query top-N (one reduce task and output file set each) and "
+        "partitions of the corpus join (default: from input size).",
+    )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each scoring actor needs, e.g. {accelerator_type:A100: 0.01} or a "
+        "node label resource, to pin actors to some nodes.",
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a scoring actor whose process or node died (then it is dropped)."
+    )
+    unit_retries: int = Field(
+        3,
+        ge=0,
+        description="Times a unit is retried after its actor died while scoring it; past that the job fails (a unit "
+        "that kills every actor is not retried forever).",
+    )
+    actor_start_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="How long to wait for a first scoring actor to be placed and load its model (an autoscaling "
+        "cluster may have to add a node first).",
     )
 
     @model_validator(mode="after")

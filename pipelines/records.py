@@ -25,6 +25,9 @@ EMPTY_TEXT = "empty_text"
 NO_CANDIDATES = "no_candidates"
 NOT_IN_CORPUS = "doc_not_in_corpus"
 NAN_SCORE = "score_not_finite"
+DUPLICATE = "duplicate"
+INVALID_UTF8 = "invalid_utf8"
+TEXT_TOO_LONG = "text_too_long"
 
 OPTIONAL_COLUMNS = ("first_stage_rank", "first_stage_score")
 
@@ -151,10 +154,40 @@ def explode_packed(table: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.T
     return pa.table(cols), rejects
 
 
-def split_rejects(pairs: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
-    """Valid pairs, and the rest with the first reason that applies."""
+def _drop_invalid_utf8(values: pa.ChunkedArray) -> tuple[pa.Array | None, pa.ChunkedArray]:
+    """Parquet readers do not check UTF-8. Returns the mask of rows that are not valid UTF-8 (None when every row
+    is) and the column with those values nulled, so string functions can run on it."""
+    try:
+        values.validate(full=True)
+        return None, values
+    except pa.ArrowInvalid:
+        pass
+    bad, clean = [], []
+    for v in values.cast(pa.large_binary()).to_pylist():
+        try:
+            clean.append(None if v is None else v.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            clean.append(None)
+            bad.append(True)
+    return pa.array(bad), pa.chunked_array([pa.array(clean, values.type)])
+
+
+def split_rejects(
+    pairs: pa.Table, layout: InputLayout, max_text_bytes: int | None = None, corpus: bool = False
+) -> tuple[pa.Table, pa.Table]:
+    """Valid pairs, and the rest with the first reason that applies. With corpus, a null text means the corpus
+    lacks the doc_id; a `_no_candidates` column marks the row a packed query without candidates left."""
     n = pairs.num_rows
     reason = pa.nulls(n, pa.string())
+    texts = [c for c in ("query", "text") if c in pairs.column_names and not pa.types.is_null(pairs.column(c).type)]
+    # Invalid UTF-8 first: every string function below would fail on it. The bad values are blanked so that
+    # they can be handled like any other column value from here on.
+    for col in texts:
+        invalid, cleaned = _drop_invalid_utf8(pairs.column(col))
+        if invalid is not None:
+            reason = pc.if_else(invalid, INVALID_UTF8, reason)
+            pairs = pairs.set_column(pairs.column_names.index(col), col, cleaned)
 
     def mark(mask: pa.Array, why: str) -> None:
         nonlocal reason
@@ -167,11 +200,36 @@ def split_rejects(pairs: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Ta
             return pa.array([True] * n)
         return pc.or_(pc.is_null(values), pc.equal(pc.utf8_trim_whitespace(values), ""))
 
+    if "_no_candidates" in pairs.column_names:
+        mark(pairs.column("_no_candidates"), NO_CANDIDATES)
+        pairs = pairs.drop_columns(["_no_candidates"])
     mark(pc.is_null(pairs.column("query_id")), MISSING_QUERY_ID)
     mark(pc.is_null(pairs.column("doc_id")), MISSING_DOC_ID)
     mark(blank("query"), EMPTY_QUERY)
+    if corpus:
+        mark(pc.is_null(pairs.column("text")), NOT_IN_CORPUS)
     if "text" in pairs.column_names:
         mark(blank("text"), EMPTY_TEXT)
+    if max_text_bytes:
+        for col in texts:
+            mark(pc.greater(pc.binary_length(pairs.column(col)), max_text_bytes), TEXT_TOO_LONG)
+    return _split(pairs, reason, layout)
+
+
+def split_duplicates(pairs: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """The first row of every (query_id, doc_id) is kept; later copies are rejected as duplicates, so that one
+    passage never takes two of a query's top-N places."""
+    if pairs.num_rows < 2:
+        return pairs, layout.reject_schema.empty_table()
+    keyed = pa.table(
+        {"q": pairs.column("query_id"), "d": pairs.column("doc_id"), "i": pa.array(np.arange(pairs.num_rows))}
+    )
+    first = keyed.group_by(["q", "d"], use_threads=False).aggregate([("i", "min")]).column("i_min")
+    if len(first) == pairs.num_rows:
+        return pairs, layout.reject_schema.empty_table()
+    keep = np.zeros(pairs.num_rows, dtype=bool)
+    keep[first.to_numpy()] = True
+    reason = pc.if_else(pa.array(keep), pa.scalar(None, pa.string()), DUPLICATE)
     return _split(pairs, reason, layout)
 
 
@@ -188,14 +246,6 @@ def split_non_finite(scored: pa.Table, layout: InputLayout) -> tuple[pa.Table, p
     finite = pc.is_finite(scored.column("score"))
     reason = pc.if_else(finite, pa.scalar(None, pa.string()), NAN_SCORE)
     return _split(scored, reason, layout)
-
-
-def split_missing_text(pairs: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
-    """After a corpus join: a null text means the doc_id is not in the corpus; a blank one is empty text."""
-    missing = pc.is_null(pairs.column("text"))
-    valid, not_found = _split(pairs, pc.if_else(missing, NOT_IN_CORPUS, pa.scalar(None, pa.string())), layout)
-    valid, empty = split_rejects(valid, layout)
-    return valid, pa.concat_tables([not_found, empty])
 
 
 # ---------------------------------------------------------------------------- ranking
@@ -221,18 +271,43 @@ def top_n_per_query(scored: pa.Table, n: int, with_rank: bool = True) -> pa.Tabl
         keys.append(("_fsr", "ascending"))
     keys.append(("doc_id", "ascending"))
     ordered = scored.take(pc.sort_indices(sortable, sort_keys=keys))
-    qid = ordered.column("query_id").combine_chunks()
-    m = ordered.num_rows
-    starts = np.ones(m, dtype=bool)
-    if m > 1:
-        starts[1:] = pc.not_equal(qid[1:], qid[:-1]).to_numpy(zero_copy_only=False)
-    start_pos = np.maximum.accumulate(np.where(starts, np.arange(m), 0))
-    rank = (np.arange(m) - start_pos + 1).astype(np.int32)
+    rank = positions_in_groups(ordered.column("query_id"))
     keep = rank <= n
     ordered = ordered.filter(pa.array(keep))
     if with_rank:
         ordered = ordered.append_column("rank", pa.array(rank[keep], pa.int32()))
     return ordered
+
+
+def best_of_duplicates(scored: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """Scored rows of the same (query_id, doc_id) from different units: the best-scored copy stays (ties:
+    first-stage rank), the others are rejected as duplicates."""
+    if scored.num_rows < 2:
+        return scored, layout.reject_schema.empty_table()
+    keys = [("query_id", "ascending"), ("doc_id", "ascending"), ("score", "descending")]
+    sortable = scored
+    if "first_stage_rank" in scored.column_names:
+        fsr = pc.fill_null(scored.column("first_stage_rank").cast(pa.int64()), np.iinfo(np.int64).max)
+        sortable = sortable.append_column("_fsr", fsr)
+        keys.append(("_fsr", "ascending"))
+    ordered = scored.take(pc.sort_indices(sortable, sort_keys=keys))
+    q, d = ordered.column("query_id").combine_chunks(), ordered.column("doc_id").combine_chunks()
+    first = np.ones(ordered.num_rows, dtype=bool)
+    first[1:] = ~(pc.and_(pc.equal(q[1:], q[:-1]), pc.equal(d[1:], d[:-1])).to_numpy(zero_copy_only=False))
+    if first.all():
+        return scored, layout.reject_schema.empty_table()
+    return _split(ordered, pc.if_else(pa.array(first), pa.scalar(None, pa.string()), DUPLICATE), layout)
+
+
+def positions_in_groups(sorted_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """1, 2, ... within each run of equal ids (the ids sorted so that each id's rows are contiguous)."""
+    ids = sorted_ids.combine_chunks() if isinstance(sorted_ids, pa.ChunkedArray) else sorted_ids
+    m = len(ids)
+    starts = np.ones(m, dtype=bool)
+    if m > 1:
+        starts[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    start_pos = np.maximum.accumulate(np.where(starts, np.arange(m), 0))
+    return (np.arange(m) - start_pos + 1).astype(np.int32)
 
 
 def output_columns(layout: InputLayout) -> list[str]:

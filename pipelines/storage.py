@@ -7,11 +7,11 @@ sets them.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,25 +141,69 @@ class Storage:
         if self.protocol == "file":
             os.makedirs(path, exist_ok=True)
 
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file atomically: no reader ever sees it half-written. On local disk the bytes go to a
+        hidden temporary name in the same folder, then one rename; an S3 object appears only once its upload
+        has completed. Rewriting the same path (a retried task) replaces the file."""
+        try:
+            if self.protocol == "file":
+                folder, name = os.path.split(path)
+                os.makedirs(folder, exist_ok=True)
+                tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            else:
+                self.fs.pipe_file(path, data)
+        except Exception as err:  # noqa: BLE001 - permission, disk full, storage errors: all name the file
+            raise OutputError(f"cannot write {self.uri(path)}: {_short(err)}") from None
+
     def write_json(self, path: str, data: Any) -> None:
-        with self.fs.open(path, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+        self.write_bytes(path, json.dumps(data, indent=2, default=str).encode())
 
     def write_text(self, path: str, text: str) -> None:
-        with self.fs.open(path, "w") as f:
-            f.write(text)
+        self.write_bytes(path, text.encode())
 
-    def write_table_once(self, folder: str, table: pa.Table, prefix: str = "part") -> str:
-        """Write a table under a name derived from its content, so a retried task overwrites, not duplicates."""
+    def write_parquet(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        data = buf.getvalue()
-        name = f"{folder}/{prefix}-{hashlib.sha1(data).hexdigest()[:20]}.parquet"
-        if self.protocol == "file":
-            os.makedirs(folder, exist_ok=True)
-        with self.fs.open(name, "wb") as f:
-            f.write(data)
-        return name
+        self.write_bytes(path, buf.getvalue())
+
+    def read_json(self, path: str) -> Any:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def remove(self, path: str) -> None:
+        """Delete a file or a folder tree; missing is fine."""
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # noqa: BLE001
+            raise OutputError(f"cannot delete {self.uri(path)}: {_short(err)}") from None
+
+    def check_writable(self, folder: str) -> None:
+        """Write and delete a probe file, so an unwritable output is found before any scoring."""
+        probe = f"{folder}/_write_probe.{uuid.uuid4().hex[:8]}"
+        self.write_bytes(probe, b"")
+        self.remove(probe)
+
+    def list_names(self, folder: str, suffix: str) -> list[str]:
+        """Names (not paths) of the files directly in a folder that end in suffix; a missing folder is empty."""
+        try:
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False) if p.endswith(suffix))
+        except FileNotFoundError:
+            return []
 
     def parquet_files(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):
