@@ -402,3 +402,55 @@ def test_batch_job_scores_causal_lm_as_the_scorer_does(ray_local, causal_right, 
     got = {(q, d): s for q, d, s in out.itertuples(index=False)}
     assert set(got) == set(expected)
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), atol=1e-4)
+
+
+def test_service_scores_causal_lm_as_the_scorer_does(ray_local, causal_left):
+    """The service, unchanged, on a causal-lm: raw score = logit(yes) - logit(no), [0, 1] = P(yes); TEI without
+    truncation refuses a prompt the rule would cut."""
+    import requests
+    from ray import serve
+
+    from pipelines.config import ServeAppConfig
+    from pipelines.serve import start_service
+    from tests.ports import free_port
+    from tests.test_serve import _wait_healthy
+
+    port = free_port()
+    model = {
+        "name_or_path": causal_left,
+        "kind": "causal-lm",
+        "prompt_template": PROMPT,
+        "instruction": INSTRUCTION,
+        "max_length": 160,
+        "batch_size": 4,
+        "device": "cpu",
+        "num_threads": 1,
+    }
+    config = validate_config(
+        ServeAppConfig,
+        {"model": model, "serve": {"port": port, "app_name": "rerank-llm", "num_cpus_per_replica": 0.5}},
+    )
+    query = "what is the heat transfer at mach 3"
+    docs = ["the heat transfer of a blunt body at mach 3", "shock waves", "boundary layer " * 80]
+    raw = Scorer(ModelConfig(**model)).score([query] * 3, docs)
+    try:
+        start_service(config)
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, timeout=90)
+        nim = requests.post(
+            f"{url}/v1/ranking",
+            json={"query": {"text": query}, "passages": [{"text": d} for d in docs], "truncate": "END"},
+            timeout=60,
+        ).json()
+        np.testing.assert_allclose(
+            [x["logit"] for x in sorted(nim["rankings"], key=lambda x: x["index"])], raw, atol=1e-4
+        )
+        cohere = requests.post(f"{url}/v2/rerank", json={"query": query, "documents": docs}, timeout=60).json()
+        got = [x["relevance_score"] for x in sorted(cohere["results"], key=lambda x: x["index"])]
+        np.testing.assert_allclose(got, 1 / (1 + np.exp(-raw)), atol=1e-5)
+        tei = requests.post(f"{url}/rerank", json={"query": query, "texts": docs}, timeout=60)
+        assert tei.status_code == 413 and tei.json()["field"] == "texts[2]", tei.text
+        ok = requests.post(f"{url}/rerank", json={"query": query, "texts": docs[:2]}, timeout=60)
+        assert ok.status_code == 200
+    finally:
+        serve.shutdown()
