@@ -1,18 +1,26 @@
-"""Throughput of the batch job beside a plain single-process loop over the same model and pairs.
+"""Throughput of every way we score, on the same real pairs, in one run: a table and a JSON file.
 
-    python jobs/benchmark.py --pairs 2000                       # MiniLM-sized cross-encoder, Cranfield BM25 pairs
-    python jobs/benchmark.py --model cross-encoder/ms-marco-MiniLM-L6-v2 --pairs 20000 --ray-config scale.num_actors=4
+    python jobs/benchmark.py --pairs 22500 --out bench.json          # the real run: Cranfield BM25 top-100
+    python jobs/benchmark.py --pairs 2000 --backends torch:float32,onnx:int8 --ray-backends torch:float32
+    python jobs/benchmark.py --model cross-encoder/ms-marco-MiniLM-L6-v2 --max-length 512 --sweep-tokens 8192,32768
 
-Prints pairs/s of: a naive loop (batches of 32 in input order), the Scorer in one process (length-sorted
-micro-batches), and the Ray Data job end to end (read, score, top-N, write) for each --ray-config variant.
-Figures, not asserts: compare ratios from one run on one machine.
+Measures, on Cranfield BM25 (query, abstract) pairs and one model (default: the real all-MiniLM-L6-v2 weights
+under a fresh 1-logit head, i.e. a real-size cross-encoder whose scores mean nothing):
+- the machine's matmul FLOP/s (float32, bfloat16, int8 where it has them) and the model's FLOPs per pair at the
+  actual token counts, so each row gets a fraction of the roofline (on CUDA: the model FLOP utilisation);
+- a plain loop (batches of 32 in input order, float32 torch), sentence-transformers `CrossEncoder.predict`, the
+  in-process Scorer with each backend/dtype, and the Ray Data job end to end (`run_rerank`), each with pairs/s,
+  ratio to the plain loop, padding fraction and drift against float32 torch (max |diff|, Spearman per query,
+  top-10 overlap per query).
+Figures, not asserts: quote ratios from one run on one machine. Exports/quantisation are built before timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
+import platform
 import sys
 import tempfile
 import time
@@ -20,7 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
+
+ALL_BACKENDS = (
+    "torch:float32,torch:bfloat16,torch:float16,onnx:float32,onnx:int8,openvino:float32,openvino:bfloat16,openvino:int8"
+)
+
+
+# ---------------------------------------------------------------------------------------------- machine and model
 
 
 def minilm_cross_encoder(folder: Path) -> str:
@@ -35,11 +51,90 @@ def minilm_cross_encoder(folder: Path) -> str:
     return str(folder)
 
 
-def naive_loop(model_path: str, queries, passages, max_length: int, batch: int = 32) -> float:
+def ort_int8_ops(n: int = 1024, seconds: float = 1.5) -> float | None:
+    """Integer ops/s of ONNX Runtime's MatMulInteger (uint8 x int8): the kernel its dynamic int8 models run."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "mm",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, [n, n]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {
+        "a": np.random.randint(0, 255, (n, n), dtype=np.uint8),
+        "b": np.random.randint(-128, 127, (n, n), dtype=np.int8),
+    }
+    sess.run(None, feed)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sess.run(None, feed)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def matmul_flops(device: torch.device, dtype: str, n: int = 1024, seconds: float = 1.5) -> float | None:
+    """Sustained FLOP/s of square matmuls (int8: integer ops/s; on CPU through ONNX Runtime's MatMulInteger)."""
+    if dtype == "int8" and device.type == "cpu":
+        return ort_int8_ops(n, seconds)
+    try:
+        if dtype == "int8":
+            a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+            b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+
+            def mm():
+                return torch._int_mm(a, b)
+        else:
+            dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+            a = torch.randn(n, n, device=device).to(dt)
+            b = torch.randn(n, n, device=device).to(dt)
+
+            def mm():
+                return a @ b
+
+        mm()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            mm()
+            reps += 1
+        sync()
+        return 2 * n**3 * reps / (time.perf_counter() - start)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def flops_per_sequence(hf_config, length: int) -> float:
+    """Forward FLOPs of a BERT-like encoder on one sequence of `length` tokens (matmuls only: the projections
+    and FFN, 2 x params x tokens, plus the two attention matmuls, 4 x length^2 x hidden per layer)."""
+    h = hf_config.hidden_size
+    i = getattr(hf_config, "intermediate_size", 4 * h)
+    layers = hf_config.num_hidden_layers
+    per_layer = 2 * length * (4 * h * h + 2 * h * i) + 4 * length * length * h
+    return layers * per_layer + 2 * h * h * 1  # + the pooler/head on one token
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+
+def plain_loop(model_path: str, queries, passages, max_length: int, batch: int = 32):
+    """What a user writes first: batches of 32 in input order, float32 torch."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_path).eval().to(DEVICE)
+    out, real, padded = [], 0, 0
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(queries), batch):
@@ -51,38 +146,141 @@ def naive_loop(model_path: str, queries, passages, max_length: int, batch: int =
                 padding=True,
                 return_tensors="pt",
             )
-            model(**enc)
-    return len(queries) / (time.perf_counter() - start)
+            real += int(enc["attention_mask"].sum())
+            padded += enc["attention_mask"].numel()
+            out.append(model(**enc.to(DEVICE)).logits[:, 0].float().cpu().numpy())
+    elapsed = time.perf_counter() - start
+    return np.concatenate(out), elapsed, 1 - real / padded
 
 
-def scorer_loop(model_path: str, kind: str, queries, passages, max_length: int, chunk: int = 512) -> float:
+def cross_encoder_predict(model_path: str, queries, passages, max_length: int, batch: int = 32):
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(model_path, max_length=max_length, activation_fn=torch.nn.Identity(), device=str(DEVICE))
+    pairs = list(zip(queries, passages))
+    ce.predict(pairs[:64], batch_size=batch)
+    start = time.perf_counter()
+    scores = ce.predict(pairs, batch_size=batch, show_progress_bar=False)
+    elapsed = time.perf_counter() - start
+    # Its padding: predict sorts by text length (characters) and pads batches of `batch` to their longest.
+    lengths = TOKEN_LENGTHS
+    order = np.argsort([-(len(q) + len(p)) for q, p in pairs], kind="stable")
+    padded = sum(len(order[i : i + batch]) * lengths[order[i : i + batch]].max() for i in range(0, len(order), batch))
+    return np.asarray(scores, dtype=np.float32), elapsed, 1 - lengths.sum() / padded
+
+
+def scorer_run(model_path: str, kind: str, queries, passages, max_length: int, chunk: int, **model_kw):
     from pipelines.config import ModelConfig
     from pipelines.scoring import Scorer
 
-    scorer = Scorer(ModelConfig(name_or_path=model_path, kind=kind, max_length=max_length))
+    scorer = Scorer(ModelConfig(name_or_path=model_path, kind=kind, max_length=max_length, **model_kw))
+    scorer.score(queries[:64], passages[:64])  # warm-up (first-call allocations, lazy compilation)
+    for k in scorer.stats:
+        scorer.stats[k] = 0
+    out = []
     start = time.perf_counter()
-    for i in range(0, len(queries), chunk):
-        scorer.score(queries[i : i + chunk], passages[i : i + chunk])
-    return len(queries) / (time.perf_counter() - start)
+    for i in range(0, len(queries), chunk):  # the batch job's call pattern: sub-batches of `chunk` pairs
+        out.append(scorer.score(queries[i : i + chunk], passages[i : i + chunk]))
+    elapsed = time.perf_counter() - start
+    st = scorer.stats
+    return np.concatenate(out), elapsed, 1 - st["tokens"] / max(1, st["padded_tokens"]), scorer
+
+
+def ray_job(work: Path, model_path: str, kind: str, max_length: int, overrides: list[str], tag: str):
+    from pipelines.batch import run_rerank
+    from pipelines.config import RerankJobConfig, apply_overrides, validate_config
+
+    out = work / f"out-{tag}"
+    data = {
+        "input": {"uri": str(work / "in")},
+        "output": {"uri": str(out), "top_n": 10, "mode": "overwrite"},
+        "model": {"name_or_path": model_path, "kind": kind, "max_length": max_length},
+    }
+    cfg = validate_config(RerankJobConfig, apply_overrides(data, overrides))
+    summary = run_rerank(cfg)
+    import pyarrow.parquet as pq
+
+    top = pq.read_table(out).to_pydict()
+    return summary, top
+
+
+# ---------------------------------------------------------------------------------------------- drift
+
+
+def drift(scores: np.ndarray, ref: np.ndarray, qids: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+
+    rhos, overlaps = [], []
+    for q in np.unique(qids):
+        rows = np.flatnonzero(qids == q)
+        if len(rows) >= 3:
+            rho = spearmanr(scores[rows], ref[rows]).statistic
+            rhos.append(1.0 if np.isnan(rho) else rho)
+        k = min(10, len(rows))
+        a = set(rows[np.argsort(-scores[rows], kind="stable")[:k]])
+        b = set(rows[np.argsort(-ref[rows], kind="stable")[:k]])
+        overlaps.append(len(a & b) / k)
+    return {
+        "max_abs_diff": float(np.abs(scores - ref).max()),
+        "spearman_per_query": float(np.mean(rhos)) if rhos else None,
+        "top10_overlap": float(np.mean(overlaps)),
+    }
+
+
+def top10_overlap_from_output(top: dict, ref: np.ndarray, qids: np.ndarray, dids: np.ndarray) -> float:
+    got: dict = {}
+    for q, d in zip(top["query_id"], top["doc_id"]):
+        got.setdefault(q, set()).add(d)
+    overlaps = []
+    for q in np.unique(qids):
+        rows = np.flatnonzero(qids == q)
+        k = min(10, len(rows))
+        want = {dids[r] for r in rows[np.argsort(-ref[rows], kind="stable")[:k]]}
+        overlaps.append(len(want & got.get(q, set())) / k)
+    return float(np.mean(overlaps))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+DEVICE = torch.device("cpu")
+TOKEN_LENGTHS = np.zeros(0, dtype=np.int64)
 
 
 def main() -> None:
+    global DEVICE, TOKEN_LENGTHS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model folder or hub id (default: MiniLM-sized cross-encoder built locally)")
+    ap.add_argument("--model", help="model folder or hub id (default: MiniLM-size cross-encoder built locally)")
     ap.add_argument("--kind", default="cross-encoder", choices=["cross-encoder", "bi-encoder"])
-    ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--pairs", type=int, default=2000, help="Cranfield BM25 pairs (225 queries x up to 100)")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median is printed")
-    ap.add_argument("--ray-config", action="append", default=[], help="a variant: comma-separated key=value overrides")
+    ap.add_argument("--chunk", type=int, default=1024, help="pairs per Scorer.score call (the batch job's sub-batch)")
+    ap.add_argument("--backends", default=ALL_BACKENDS, help="backend:dtype list for the in-process Scorer")
+    ap.add_argument(
+        "--ray-backends",
+        default="torch:float32,fastest",
+        help="backend:dtype list for the Ray Data job; 'fastest' = the fastest in-process backend; '' skips Ray",
+    )
+    ap.add_argument("--ray-config", default="", help="comma-separated key=value overrides for every Ray job")
+    ap.add_argument("--sweep-tokens", default="", help="extra in-process torch rows at these model.max_batch_tokens")
+    ap.add_argument("--skip", default="", help="comma list of: plain, st")
+    ap.add_argument("--cache-dir", help="model.cache_dir for exports (default: a folder in the run's temp dir)")
+    ap.add_argument("--out", default="benchmark.json", help="JSON results file")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
 
+    from pipelines import backends
+    from pipelines.config import ModelConfig
     from pipelines.demo import write_cranfield_candidates
-    from pipelines.ray_runtime import connect
+    from pipelines.errors import ConfigError
+    from pipelines.scoring import Scorer
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
+    cache_dir = args.cache_dir or str(work / "cache")
+    os.environ["RERANK_CACHE_DIR"] = cache_dir  # the Ray job's actors use the same exports
     model = args.model or minilm_cross_encoder(work / "model")
     per_query = max(1, min(1400, -(-args.pairs // 225)))
     write_cranfield_candidates(work / "all", k=per_query, shards=1)
@@ -91,42 +289,164 @@ def main() -> None:
     for i in range(4):
         pq.write_table(table.take(list(range(i, table.num_rows, 4))), work / "in" / f"part-{i}.parquet")
     queries, passages = table.column("query").to_pylist(), table.column("text").to_pylist()
+    qids = np.asarray(table.column("query_id").to_pylist())
+    dids = np.asarray(table.column("doc_id").to_pylist())
+
+    # The actual token counts (the Scorer's truncation rule) and the model's FLOPs at those counts.
+    probe = Scorer(ModelConfig(name_or_path=model, kind=args.kind, max_length=args.max_length))
+    hf_config = probe.backend.hf_config
+    if args.kind == "cross-encoder":
+        enc = probe._encode_pairs(queries, passages)
+        TOKEN_LENGTHS = np.asarray([len(x) for x in enc["input_ids"]])
+        flops_pair = float(np.mean([flops_per_sequence(hf_config, int(n)) for n in TOKEN_LENGTHS]))
+    else:
+        enc = probe._encode_texts(passages, probe.max_length)
+        TOKEN_LENGTHS = np.asarray([len(x) for x in enc["input_ids"]])
+        flops_pair = float(np.mean([flops_per_sequence(hf_config, int(n)) for n in TOKEN_LENGTHS]))
+    del probe
+    peaks = {d: matmul_flops(DEVICE, d) for d in ("float32", "bfloat16", "int8")}
+    if DEVICE.type == "cuda":
+        peaks["float16"] = matmul_flops(DEVICE, "float16", n=8192)
+        peaks["bfloat16"] = matmul_flops(DEVICE, "bfloat16", n=8192)
+        peaks["float32"] = matmul_flops(DEVICE, "float32", n=8192)
+    machine = {
+        "device": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_flags_bf16": backends.native_bf16(),
+        "cpu_flags_vnni": backends.vnni(),
+        "matmul_flops": peaks,
+    }
     print(
-        f"{table.num_rows} pairs, model {model}, kind {args.kind}, max_length {args.max_length}, "
-        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        f"{table.num_rows} pairs ({len(set(qids.tolist()))} queries), model {model}, kind {args.kind}, max_length "
+        f"{args.max_length}, mean {TOKEN_LENGTHS.mean():.0f} tokens/pair, {flops_pair / 1e9:.2f} GFLOP/pair; "
+        f"{machine['device']}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        "matmul: "
+        + ", ".join(f"{k} {v / 1e9:.0f} G/s" if v else f"{k} n/a" for k, v in peaks.items())
+        + f"; native bf16 {machine['cpu_flags_bf16']}, VNNI {machine['cpu_flags_vnni']}"
     )
 
-    results: dict[str, list[float]] = {}
-    for _ in range(args.repeat):
-        if args.kind == "cross-encoder":
-            results.setdefault("plain loop, batch 32, input order", []).append(
-                naive_loop(model, queries, passages, args.max_length)
-            )
-        results.setdefault("Scorer in one process (sorted micro-batches)", []).append(
-            scorer_loop(model, args.kind, queries, passages, args.max_length)
+    rows: list[dict] = []
+    ref: np.ndarray | None = None
+
+    def add(label: str, n: int, elapsed: float, pad: float | None, scores, precision: str, **extra) -> dict:
+        rate = n / elapsed
+        # The roofline of the precision computed; where that is slower than float32 (emulated bfloat16), float32's.
+        peak = max(peaks.get(precision) or 0, peaks["float32"] or 0)
+        row = {
+            "label": label,
+            "pairs": n,
+            "seconds": round(elapsed, 2),
+            "pairs_per_s": rate,
+            "roofline_fraction": rate * flops_pair / peak if peak else None,
+            "padding_fraction": pad,
+            "precision": precision,
+            **extra,
+        }
+        if scores is not None and ref is not None:
+            row.update(drift(scores, ref, qids))
+        if DEVICE.type == "cuda":
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            torch.cuda.reset_peak_memory_stats()
+        rows.append(row)
+        print(f"  {label}: {rate:.1f} pairs/s", flush=True)
+        return row
+
+    # The reference: the in-process Scorer with float32 torch (its scores are the drift baseline).
+    scores, elapsed, pad, _ = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk)
+    ref = scores
+    ref_row = add("Scorer torch float32", len(queries), elapsed, pad, scores, "float32", backend="torch:float32")
+    if args.kind == "cross-encoder" and "plain" not in args.skip:
+        s, e, p = plain_loop(model, queries, passages, args.max_length)
+        add("plain loop (batch 32, input order, float32 torch)", len(queries), e, p, s, "float32", baseline=True)
+    if args.kind == "cross-encoder" and "st" not in args.skip:
+        s, e, p = cross_encoder_predict(model, queries, passages, args.max_length)
+        add("sentence-transformers CrossEncoder.predict (batch 32)", len(queries), e, p, s, "float32")
+
+    in_process: dict[str, dict] = {"torch:float32": ref_row}
+    for spec in [b for b in args.backends.split(",") if b and b != "torch:float32"]:
+        backend, dtype = spec.split(":")
+        cfg = ModelConfig(name_or_path=model, kind=args.kind, backend=backend, dtype=dtype, device=str(DEVICE))
+        try:
+            warnings = backends.check_backend(cfg, DEVICE)
+        except ConfigError as err:
+            print(f"  Scorer {backend} {dtype}: refused: {err}")
+            rows.append({"label": f"Scorer {backend} {dtype}", "refused": str(err)})
+            continue
+        kw = {"backend": backend, "dtype": dtype, "cache_dir": cache_dir}
+        Scorer(ModelConfig(name_or_path=model, kind=args.kind, max_length=args.max_length, **kw))  # export, untimed
+        s, e, p, scorer = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk, **kw)
+        precision = dtype if dtype == "int8" else getattr(scorer.backend, "precision", dtype)
+        label = f"Scorer {backend} {dtype}" + (f" (computes {precision})" if precision != dtype else "")
+        in_process[spec] = add(label, len(queries), e, p, s, precision, backend=spec, warnings=warnings)
+
+    for budget in [int(x) for x in args.sweep_tokens.split(",") if x]:
+        s, e, p, _ = scorer_run(
+            model, args.kind, queries, passages, args.max_length, args.chunk, max_batch_tokens=budget
         )
+        add(f"Scorer torch float32, max_batch_tokens {budget}", len(queries), e, p, s, "float32", sweep=budget)
 
-    from pipelines.batch import run_rerank
-    from pipelines.config import RerankJobConfig, apply_overrides, validate_config
+    ray_specs = [x for x in args.ray_backends.split(",") if x]
+    if ray_specs:
+        from pipelines.ray_runtime import connect
 
-    connect()
-    for variant in args.ray_config or [""]:
-        overrides = [o for o in variant.split(",") if o]
-        for r in range(args.repeat):
-            data = {
-                "input": {"uri": str(work / "in")},
-                "output": {"uri": str(work / f"out-{r}"), "top_n": 10, "mode": "overwrite"},
-                "model": {"name_or_path": model, "kind": args.kind, "max_length": args.max_length},
-            }
-            cfg = validate_config(RerankJobConfig, apply_overrides(data, overrides))
-            s = run_rerank(cfg)
-            label = f"Ray Data job end to end ({variant or 'defaults'}; {s.scale['min_actors']} actor(s))"
-            results.setdefault(label, []).append(s.pairs_per_s)
-    base = statistics.median(next(iter(results.values())))
-    print(f"\n{'measurement':<75} {'pairs/s':>9} {'vs first':>9}")
-    for label, values in results.items():
-        med = statistics.median(values)
-        print(f"{label:<75} {med:>9.1f} {med / base:>8.2f}x")
+        fastest = max((r for r in in_process.values()), key=lambda r: r["pairs_per_s"])["backend"]
+        connect()
+        for spec in dict.fromkeys(fastest if x == "fastest" else x for x in ray_specs):
+            backend, dtype = spec.split(":")
+            overrides = [f"model.backend={backend}", f"model.dtype={dtype}"]
+            overrides += [o for o in args.ray_config.split(",") if o]
+            summary, top = ray_job(work, model, args.kind, args.max_length, overrides, spec.replace(":", "-"))
+            row = add(
+                f"Ray Data job end to end, {backend} {dtype} ({summary.scale.get('min_actors')} actor(s))",
+                summary.pairs_scored,
+                summary.wall_time_s,
+                in_process.get(spec, {}).get("padding_fraction"),
+                None,
+                in_process.get(spec, {}).get("precision", dtype),
+                backend=spec,
+                ray=True,
+            )
+            row["top10_overlap"] = top10_overlap_from_output(top, ref, qids, dids)
+            if spec in in_process:
+                row["x_in_process"] = row["pairs_per_s"] / in_process[spec]["pairs_per_s"]
+
+    base = next((r for r in rows if r.get("baseline")), ref_row)["pairs_per_s"]
+    for r in rows:
+        if "pairs_per_s" in r:
+            r["x_plain_loop"] = r["pairs_per_s"] / base
+    gpu = DEVICE.type == "cuda"
+    head = f"{'measurement':<62} {'pairs/s':>8} {'x plain':>7} {'roofline':>8} {'padding':>7} {'max|d|':>8} {'rho/q':>6} {'top10':>6}"
+    print("\n" + head + ("  GPU GB" if gpu else ""))
+    for r in rows:
+        if "refused" in r:
+            print(f"{r['label']:<62} refused: {r['refused'][:90]}")
+            continue
+
+        def f(key, fmt, r=r):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+        line = (
+            f"{r['label'][:62]:<62} {r['pairs_per_s']:>8.1f} {r['x_plain_loop']:>6.2f}x {f('roofline_fraction', '>8.1%')} "
+            f"{f('padding_fraction', '>7.1%')} {f('max_abs_diff', '>8.4f')} {f('spearman_per_query', '>6.3f')} "
+            f"{f('top10_overlap', '>6.3f')}"
+        )
+        print(line + (f"  {r.get('gpu_mem_gb', 0):6.2f}" if gpu else ""))
+    result = {
+        "pairs": table.num_rows,
+        "model": model,
+        "kind": args.kind,
+        "max_length": args.max_length,
+        "mean_tokens_per_pair": float(TOKEN_LENGTHS.mean()),
+        "model_flops_per_pair": flops_pair,
+        "machine": machine,
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nJSON: {args.out}")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,33 @@ class ModelConfig(_Strict):
         "max_length less special/template tokens. Default: half the budget (bi-encoder: half of max_length, the "
         "query embedding's length).",
     )
-    batch_size: int = Field(32, ge=1, description="Pairs per forward pass (micro-batch), sorted by token length.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Weights and activations dtype; float16/bfloat16 are for GPUs."
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description="Upper bound on pairs per forward pass; the usual limit is max_batch_tokens. Pairs are sorted "
+        "by token length first, so a micro-batch holds pairs of similar length.",
+    )
+    max_batch_tokens: int | Literal["auto"] = Field(
+        "auto",
+        description="Padded tokens per forward pass (pairs x the longest of them): micro-batches are filled up to "
+        "it. auto: 2048 on CPU, 16384 on a GPU. A pair longer than it still runs, alone.",
+    )
+    backend: Literal["torch", "onnx", "openvino"] = Field(
+        "torch",
+        description="torch (SDPA attention), onnx (ONNX Runtime, CPU) or openvino (CPU). onnx and openvino export "
+        "the model once into cache_dir.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        "float32",
+        description="Compute precision. torch: float32; bfloat16 (CPU: autocast, weights stay float32; GPU: "
+        "weights); float16 (GPU only). onnx: float32, int8 (dynamic quantisation). openvino: float32, bfloat16 "
+        "(precision hint), int8 (static quantisation calibrated on the bundled Cranfield). Other combinations are "
+        "refused before the job starts.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for exported/quantised models (onnx, openvino); default $RERANK_CACHE_DIR or "
+        "~/.cache/rerank. Each export happens once per model, backend and dtype, under a file lock.",
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
     activation: Literal["none", "sigmoid"] = Field(
@@ -122,6 +146,13 @@ class ModelConfig(_Strict):
         20_000, ge=0, description="bi-encoder only: passage embeddings each model copy keeps (LRU); 0 disables."
     )
 
+    @field_validator("max_batch_tokens")
+    @classmethod
+    def _budget(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 16:
+            raise ValueError("must be at least 16 tokens, or auto")
+        return v
+
     @field_validator("query_template")
     @classmethod
     def _query_placeholder(cls, v: str) -> str:
@@ -164,6 +195,8 @@ class ModelConfig(_Strict):
                 raise ValueError("model.prompt_template uses {instruction}: set model.instruction")
             if self.instruction is not None and "{instruction}" not in self.prompt_template:
                 raise ValueError("model.instruction is set but model.prompt_template has no {instruction}")
+            if self.backend != "torch":
+                raise ValueError("model.kind causal-lm runs on model.backend torch only")
         elif self.prompt_template is not None or self.instruction is not None:
             raise ValueError("model.prompt_template and model.instruction are for model.kind causal-lm")
         if self.chunk_tokens and self.chunk_stride and self.chunk_stride > self.chunk_tokens:
@@ -438,8 +471,9 @@ class ServeConfig(_Strict):
     max_batch_pairs: int = Field(
         256,
         ge=1,
-        description="(query, document) pairs scored in one model call, gathered from all waiting requests. Larger: "
-        "better throughput, longer waits; the model still runs model.batch_size pairs per forward pass.",
+        description="(query, document) pairs scored in one model call, gathered from all waiting requests; a call "
+        "also stays within model.max_batch_tokens padded tokens (estimated from characters). Larger: better "
+        "throughput, longer waits.",
     )
     batch_wait_timeout_s: float = Field(
         0.01,

@@ -1,12 +1,14 @@
 """The model: one Scorer for the batch job, the service and the evaluation, so their scores agree.
 
-No Ray here. A Scorer loads a Hugging Face model once and turns (query, passage) pairs into float32 scores.
+No Ray here. A Scorer loads a model once (through a backend of pipelines.backends: torch, ONNX Runtime or
+OpenVINO; causal-lm rerankers through torch here) and turns (query, passage) pairs into float32 scores.
 Three steps, kept apart:
 
 1. encode (``_encode``): each pair becomes one or more units of input_ids (a pair truncated, or, with
    ``long_text: chunks``, one unit per window of a long passage) plus a unit -> pair index;
-2. forward (``_forward``): units sorted by token length into micro-batches so that padding stays small, one
-   row of logits per unit, back in unit order;
+2. forward (``_run``): the units are cut into blocks; each block is sorted by token length and cut into
+   micro-batches filled up to a token budget (padded tokens counted), handed to the model as int32 arrays, one
+   block ahead of the model on a background thread, then put back in unit order;
 3. reduce (``_reduce``): the units of a pair become one row of logits (max / first / mean of its windows), and
    ``from_logits`` turns a row into a score.
 
@@ -24,20 +26,26 @@ import inspect
 import logging
 import os
 import string
-from collections import OrderedDict
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipelines import backends
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Most pairs tokenised per step of the pipeline: the background thread tokenises block k+1 while the model runs
+#: block k. Pairs are sorted by length within a block, so larger blocks pad less and overlap later.
+BLOCK_ROWS = 1024
+MIN_BLOCK_ROWS = 256
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,6 +67,8 @@ class ModelInfo:
     num_labels: int | None
     device: str
     dtype: str
+    backend: str = "torch"
+    max_batch_tokens: int = 0
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> str:
@@ -132,16 +142,35 @@ def label_token_ids(tokenizer, config: ModelConfig) -> list[int]:
     return ids
 
 
+def plan_device(config: ModelConfig) -> torch.device:
+    """The device the model will run on, as far as a driver can tell (it may itself have no GPU)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def max_batch_tokens(config: ModelConfig, device: torch.device) -> int:
+    if config.max_batch_tokens == "auto":
+        return backends.default_max_batch_tokens(device)
+    return int(config.max_batch_tokens)
+
+
 def describe_model(config: ModelConfig) -> dict:
-    """Name, kind and revision (or content hash) of a model, validated but not loaded."""
+    """Name, kind and revision (or content hash) of a model, validated but not loaded: an unsupported
+    backend/dtype/device combination is a ConfigError here, before any cluster time is spent."""
+    device = plan_device(config)
+    for warning in backends.check_backend(config, device):
+        log.warning(warning)
     _, num_labels = load_tokenizer_and_labels(config)
     return {
         "name_or_path": config.name_or_path,
         "kind": config.kind,
         "revision": model_fingerprint(config.name_or_path, config.revision),
         "num_labels": num_labels,
+        "backend": config.backend,
         "dtype": config.dtype,
         "max_length": config.max_length,
+        "max_batch_tokens": max_batch_tokens(config, device),
     }
 
 
@@ -234,6 +263,42 @@ class _Prompt:
         return f[0] + a + f[1] + b + f[2]
 
 
+class _CausalLM(backends.Backend):
+    """An LLM reranker on torch: the logits of the yes (and no) tokens at each row's last position. Rows come
+    left-padded, so the last position is the last real token and only its logits are computed (logits_to_keep);
+    position ids count real tokens only, as in the unpadded prompt."""
+
+    name = "torch"
+    uses_token_type_ids = False
+
+    def __init__(self, config: ModelConfig, device: torch.device, label_ids: list[int]):
+        from transformers import AutoModelForCausalLM
+
+        gpu_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
+        weights = gpu_dtype if (device.type == "cuda" and gpu_dtype is not None) else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.name_or_path, dtype=weights, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+        self.model.to(device).eval()
+        self.device, self.label_ids, self.hf_config = device, label_ids, self.model.config
+        self.autocast = device.type == "cpu" and config.dtype == "bfloat16"
+        params = inspect.signature(self.model.forward).parameters
+        self.keep_last = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self.positions = "position_ids" in params
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        ids = torch.from_numpy(input_ids).long().to(self.device)
+        mask = torch.from_numpy(attention_mask).long().to(self.device)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self.positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            last = self.model(**kwargs).logits[:, -1, :]
+            return last[:, self.label_ids].float().cpu().numpy()
+
+
 class Scorer:
     """Scores (query, passage) pairs with a cross-encoder, a causal-LM reranker or a bi-encoder.
 
@@ -242,36 +307,36 @@ class Scorer:
     """
 
     def __init__(self, config: ModelConfig):
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
         self.config = config
         self.device = resolve_device(config.device)
-        dtype = _DTYPES[config.dtype]
-        if self.device.type == "cpu" and dtype != torch.float32:
-            log.warning("model.dtype=%s on CPU is slow or unsupported; consider float32", config.dtype)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
         self.tokenizer, num_labels = load_tokenizer_and_labels(config)
-        self.num_labels: int | None = num_labels
-        if config.kind == "cross-encoder":
-            self.model = AutoModelForSequenceClassification.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
-            self._set_pad_token()
-        elif config.kind == "causal-lm":
-            self.model = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
+        self.num_labels: int | None = num_labels if config.kind != "bi-encoder" else None
+        limit = min(config.max_length, _max_positions(self.tokenizer, None))
+        if config.kind == "causal-lm":
             self._label_ids = label_token_ids(self.tokenizer, config)
-            params = inspect.signature(self.model.forward).parameters
-            self._keep_last = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-            self._positions = "position_ids" in params
+            self.backend: backends.Backend = _CausalLM(config, self.device, self._label_ids)
+            # Left: every row's last real token is the last position, the only one whose logits are computed.
+            self.tokenizer.padding_side = "left"
         else:
-            self.model = AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **kwargs)
-        self.model.to(self.device).eval()
-        self.max_length = min(config.max_length, self._model_max_positions())
+            if config.kind == "cross-encoder":
+                self._set_pad_token()
+            self.backend = backends.load_backend(config, self.device, self.tokenizer, limit)
+            if config.kind == "cross-encoder":
+                self._sync_pad_token(self.backend.hf_config)
+                # Right: every real token keeps its unpadded position (decoder classifiers included).
+                self.tokenizer.padding_side = "right"
+        self.max_length = min(config.max_length, _max_positions(self.tokenizer, self.backend.hf_config))
         # Texts are tokenized whole and cut by the rules below: no "longer than the maximum" warnings.
         self.tokenizer.model_max_length = 1 << 30
+        self.max_batch_tokens = max_batch_tokens(config, self.device)
         #: units (windows; one per pair unless long_text is chunks) the last score()/logits() call scored
         self.last_windows = 0
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._tokenize_pool: ThreadPoolExecutor | None = None
+        self._forward_lock = threading.Lock()
+        self.stats = {"forward_passes": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
         if config.kind == "bi-encoder":
             self.max_query_length = config.max_query_length or self.max_length // 2
             return
@@ -293,9 +358,8 @@ class Scorer:
             )
 
     def _set_pad_token(self) -> None:
-        """Decoder models loaded for sequence classification often save no pad token; the model then finds each
-        row's last real token through config.pad_token_id, so tokenizer and model must agree on one."""
-        tok, cfg = self.tokenizer, self.model.config
+        """Decoder models loaded for sequence classification often save no pad token: the eos token becomes it."""
+        tok = self.tokenizer
         if tok.pad_token_id is None:
             if tok.eos_token is None:
                 raise ConfigError(
@@ -303,8 +367,11 @@ class Scorer:
                     "save one with tokenizer.pad_token = ..."
                 )
             tok.pad_token = tok.eos_token
-        if getattr(cfg, "pad_token_id", None) != tok.pad_token_id:
-            cfg.pad_token_id = tok.pad_token_id
+
+    def _sync_pad_token(self, hf_config) -> None:
+        """The model finds each row's last real token through config.pad_token_id: it must be the tokenizer's."""
+        if hf_config is not None and getattr(hf_config, "pad_token_id", None) != self.tokenizer.pad_token_id:
+            hf_config.pad_token_id = self.tokenizer.pad_token_id
 
     @functools.cached_property
     def info(self) -> ModelInfo:
@@ -317,12 +384,9 @@ class Scorer:
             num_labels=self.num_labels,
             device=str(self.device),
             dtype=self.config.dtype,
+            backend=self.config.backend,
+            max_batch_tokens=self.max_batch_tokens,
         )
-
-    def _model_max_positions(self) -> int:
-        limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
-        usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-        return min(usable) if usable else 512
 
     # ------------------------------------------------------------------ public API
 
@@ -464,38 +528,21 @@ class Scorer:
 
     def _forward(self, enc: Encoded) -> np.ndarray:
         """One row of logits per unit, in unit order: [units, num_labels]; causal-lm: [units, 2 or 1], the
-        last real token's logits of yes (and no)."""
-        input_ids = enc.input_ids
+        last real token's logits of yes (and no). Batching and the forward pass are _run's."""
         width = len(self._label_ids) if self.config.kind == "causal-lm" else (self.num_labels or 1)
-        out = np.empty((len(input_ids), width), dtype=np.float32)
-        for idx in self._micro_batches([len(x) for x in input_ids]):
-            if self.config.kind == "causal-lm":
-                out[idx] = self._forward_causal([input_ids[i] for i in idx])
-                continue
-            features = {"input_ids": [input_ids[i] for i in idx]}
-            if enc.token_type_ids is not None:
-                features["token_type_ids"] = [enc.token_type_ids[i] for i in idx]
-            # Right padding keeps every real token's position as in the unpadded pair (decoders included).
-            batch = self.tokenizer.pad(features, padding_side="right", return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                out[idx] = self.model(**batch).logits.float().cpu().numpy()
-        return out
+        out = np.empty((len(enc.input_ids), width), dtype=np.float32)
 
-    def _forward_causal(self, rows: list[list[int]]) -> np.ndarray:
-        """Left-padded so every row's last real token is the last position (only its logits are computed, over
-        the yes/no ids); position ids count real tokens only, as in the unpadded prompt."""
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "use_cache": False}
-        if self._positions:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
-        if self._keep_last:
-            kwargs["logits_to_keep"] = 1
-        with torch.inference_mode():
-            last = self.model(**kwargs).logits[:, -1, :]
-            return last[:, self._label_ids].float().cpu().numpy()
+        def encode(start: int, end: int) -> dict[str, list[list[int]]]:
+            block = {"input_ids": enc.input_ids[start:end]}
+            if enc.token_type_ids is not None:
+                block["token_type_ids"] = enc.token_type_ids[start:end]
+            return block
+
+        return self._run(len(enc.input_ids), encode, out)
+
+    def _encode_texts(self, texts: list[str], max_length: int) -> dict[str, list[list[int]]]:
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+        return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
 
     # ------------------------------------------------------------------ reduce: units -> one row per pair
 
@@ -535,22 +582,9 @@ class Scorer:
         if self.config.kind != "bi-encoder":
             raise ConfigError("embed() needs model.kind: bi-encoder")
         texts = list(texts)
-        enc = self.tokenizer(texts, truncation=True, max_length=max_length or self.max_length, padding=False)
-        input_ids = enc["input_ids"]
-        extra = {k: enc[k] for k in ("token_type_ids",) if k in enc}
-        dim = self.model.config.hidden_size
-        out = np.empty((len(texts), dim), dtype=np.float32)
-        for idx in self._micro_batches([len(x) for x in input_ids]):
-            features = {"input_ids": [input_ids[i] for i in idx]}
-            for k, v in extra.items():
-                features[k] = [v[i] for i in idx]
-            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
-        return out
+        limit = max_length or self.max_length
+        out = np.empty((len(texts), self.backend.hf_config.hidden_size), dtype=np.float32)
+        return self._run(len(texts), lambda s, e: self._encode_texts(texts[s:e], limit), out)
 
     def _score_bi(self, queries: list[str], passages: list[str]) -> np.ndarray:
         # A passage's embedding does not depend on the query: embed each distinct text once, and keep recent
@@ -579,13 +613,85 @@ class Scorer:
         if len(cache) > limit:
             cache.popitem(last=False)
 
-    # ------------------------------------------------------------------ batching
+    # ------------------------------------------------------------------ batching and the model
+
+    def _run(self, n: int, encode: Callable[[int, int], dict[str, list[list[int]]]], out: np.ndarray) -> np.ndarray:
+        """Fill out[i] with the model's features of item i. Items are tokenised block by block on a background
+        thread (HF fast tokenizers release the GIL), one block ahead of the model, so tokenisation and padding
+        overlap the forward passes; the model only ever sees int32 arrays."""
+        if n == 0:
+            return out
+        if self._tokenize_pool is None:
+            # One thread: a fast tokenizer must not be used by two threads at once.
+            self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
+        pending: deque = deque()
+        # At least two blocks from 512 items on, so a call of a few hundred pairs overlaps too.
+        block = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-n // 2)))
+        starts = iter(range(0, n, block))
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                end = min(n, start + block)
+                pending.append(self._tokenize_pool.submit(self._prepare_block, encode, start, end))
+
+        submit()
+        submit()
+        while pending:
+            batches = pending.popleft().result()
+            submit()
+            for rows, ids, mask, types in batches:
+                with self._forward_lock:
+                    out[rows] = self.backend.forward(ids, mask, types)
+        return out
+
+    def _prepare_block(self, encode, start: int, end: int) -> list[tuple]:
+        """Tokenise items [start, end) and cut them into padded int32 micro-batches: (rows, ids, mask, types)."""
+        enc = encode(start, end)
+        input_ids = enc["input_ids"]
+        types = enc.get("token_type_ids") if self.backend.uses_token_type_ids else None
+        pad_id = self.tokenizer.pad_token_id or 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        batches = []
+        for idx in self._micro_batches([len(x) for x in input_ids]):
+            width = max(len(input_ids[i]) for i in idx)
+            ids = np.full((len(idx), width), pad_id, dtype=np.int32)
+            mask = np.zeros((len(idx), width), dtype=np.int32)
+            tt = np.zeros((len(idx), width), dtype=np.int32) if types is not None else None
+            for r, i in enumerate(idx):
+                seq = input_ids[i]
+                cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+                ids[r, cols] = seq
+                mask[r, cols] = 1
+                if tt is not None:
+                    tt[r, cols] = types[i]
+            st = self.stats
+            st["forward_passes"] += 1
+            st["rows"] += len(idx)
+            st["tokens"] += int(mask.sum())
+            st["padded_tokens"] += ids.size
+            batches.append((idx + start, ids, mask, tt))
+        return batches
 
     def _micro_batches(self, lengths: list[int]) -> list[np.ndarray]:
-        """Indices grouped into micro-batches of similar length (longest first, so OOM shows up at once)."""
+        """Indices grouped into micro-batches of similar length, longest first (so OOM shows up at once): each
+        is filled while (rows x its longest length) stays within max_batch_tokens and rows within batch_size.
+        A sequence longer than the budget runs alone."""
         order = np.argsort(-np.asarray(lengths), kind="stable")
-        bs = self.config.batch_size
-        return [order[i : i + bs] for i in range(0, len(order), bs)]
+        budget, cap = self.max_batch_tokens, self.config.batch_size
+        batches, start = [], 0
+        while start < len(order):
+            longest = max(1, lengths[order[start]])
+            rows = max(1, min(cap, budget // longest))
+            batches.append(order[start : start + rows])
+            start += rows
+        return batches
+
+
+def _max_positions(tokenizer, hf_config) -> int:
+    limits = [getattr(hf_config, "max_position_embeddings", None), tokenizer.model_max_length]
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(usable) if usable else 512
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

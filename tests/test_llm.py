@@ -299,7 +299,11 @@ def test_decoder_classifier_without_pad_token(num_labels, side, tmp_path, cranfi
     ref = _ce_reference(path, [tok(q, p)["input_ids"] for q, p in zip(qs, ps)], None)
     want = ref[:, 0] if num_labels == 1 else ref[:, 1]
     np.testing.assert_allclose(scorer.score(qs, ps), want, atol=1e-4)
-    assert scorer.model.config.pad_token_id == scorer.tokenizer.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert (
+        scorer.backend.hf_config.pad_token_id
+        == scorer.tokenizer.pad_token_id
+        == tok.convert_tokens_to_ids("<|im_end|>")
+    )
 
 
 # ---------------------------------------------------------------------------------------------- windows

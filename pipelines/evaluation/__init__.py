@@ -42,11 +42,13 @@ def __getattr__(name: str) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.backends import check_model_config
     from pipelines.config import EvalConfig, load_config
     from pipelines.evaluation.sweep import run_eval
     from pipelines.ray_runtime import connect
 
     config = load_config(EvalConfig, args.config, args.overrides)
+    check_model_config(config.model)  # an unsupported backend/dtype is refused before Ray starts
     connect(config.ray)
     result = run_eval(config)
     print(result.markdown)

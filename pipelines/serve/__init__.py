@@ -149,11 +149,13 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import ray
 
+    from pipelines.backends import check_model_config
     from pipelines.config import load_config
     from pipelines.ray_runtime import connect
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
+    check_model_config(config.model)  # an unsupported backend/dtype is refused before Ray starts
     # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
     owns_ray = False
     # Explicit handlers: a process started in the background inherits an ignored SIGINT.

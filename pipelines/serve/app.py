@@ -2,8 +2,9 @@
 
 Each replica loads one ``Scorer`` (the batch job's scoring code, with ``activation: none`` so the raw score is
 the batch job's number) before Serve routes anything to it. A request is validated, split into chunks, and the
-chunks of all waiting requests are scored together by ``@serve.batch`` up to ``serve.max_batch_pairs`` pairs
-per model call, so many small requests share a call and one large request spreads over several.
+chunks of all waiting requests are scored together by ``@serve.batch`` up to ``serve.max_batch_pairs`` pairs and
+the model's token budget (``model.max_batch_tokens`` padded tokens, estimated from characters) per model call, so
+many small requests share a call and one large request spreads over several.
 
 Overload is refused, never queued without bound: the proxy answers 503 + Retry-After past
 ``serve.max_queued_requests`` waiting requests, and a replica answers the same past ``serve.max_queued_pairs``
@@ -155,10 +156,40 @@ class _Chunk:
     request_id: int
     query: str
     texts: list[str]
+    tokens: int = 0  # estimated padded tokens: len(texts) x the longest pair
+    limits: tuple[int, int] = (1, 1)  # (max pairs, max padded tokens) per model call
 
 
 def _pairs_in(chunks: list[_Chunk]) -> int:
     return sum(len(c.texts) for c in chunks)
+
+
+def _batch_cost(chunks: list[_Chunk]) -> int:
+    """@serve.batch's size of a model call, against max_batch_size = max_pairs x max_tokens: within it exactly
+    when both the pairs and the padded tokens are within their limits."""
+    max_pairs, max_tokens = chunks[0].limits
+    return max(_pairs_in(chunks) * max_tokens, sum(c.tokens for c in chunks) * max_pairs)
+
+
+def _estimate_tokens(query: str, text: str, max_length: int) -> int:
+    """Tokens of a pair without tokenising: ~4 characters a token for English word pieces, plus special tokens."""
+    return min(max_length, 3 + (len(query) + len(text)) // 4)
+
+
+def _split(
+    query: str, texts: list[str], max_pairs: int, max_tokens: int, max_length: int
+) -> list[tuple[int, int, int]]:
+    """(start, end, padded tokens) chunks of texts in input order, each within max_pairs and max_tokens."""
+    out, start, longest = [], 0, 0
+    for i, text in enumerate(texts):
+        n = _estimate_tokens(query, text, max_length)
+        if i > start and (i - start >= max_pairs or (i - start + 1) * max(longest, n) > max_tokens):
+            out.append((start, i, min(max_tokens, (i - start) * longest)))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if texts:
+        out.append((start, len(texts), min(max_tokens, (len(texts) - start) * longest)))
+    return out
 
 
 class _BatchSizeWarningFilter(logging.Filter):
@@ -213,16 +244,20 @@ class RerankService:
         self._stats = {"requests": 0, "batches": 0, "pairs": 0, "max_batch_pairs": 0, "max_batch_requests": 0}
         # Serve warns when max_batch_size exceeds max_ongoing_requests, counting requests; ours counts pairs.
         logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
-        self._score_chunks.set_max_batch_size(s.max_batch_pairs)
+        self._max_batch_tokens = self.scorer.max_batch_tokens
+        self._score_chunks.set_max_batch_size(s.max_batch_pairs * self._max_batch_tokens)
         self._score_chunks.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         app.state.api_key = api_key or os.environ.get(s.api_key_env) or None
         app.state.metrics = _Metrics.create()
         log.info(
-            "rerank replica ready: model %s (%s, %s), batches of up to %d pairs",
+            "rerank replica ready: model %s (%s, %s, %s %s), batches of up to %d pairs and %d padded tokens",
             self.model_name,
             self.kind,
             self.scorer.info.device,
+            model_config.backend,
+            model_config.dtype,
             s.max_batch_pairs,
+            self._max_batch_tokens,
         )
 
     # ------------------------------------------------------------------ routes
@@ -360,9 +395,10 @@ class RerankService:
         self._stats["requests"] += 1
         request_id = self._next_request_id
         try:
-            step = self._chunk_pairs
+            limits = (self._chunk_pairs, self._max_batch_tokens)
+            chunks = _split(query, texts, *limits, self.scorer.max_length)
             parts = await asyncio.gather(
-                *(self._score_chunks(_Chunk(request_id, query, texts[i : i + step])) for i in range(0, n, step))
+                *(self._score_chunks(_Chunk(request_id, query, texts[a:b], t, limits)) for a, b, t in chunks)
             )
         finally:
             self._pending_pairs -= n
@@ -376,7 +412,7 @@ class RerankService:
             return self.scorer.score(queries, passages)[:, None]
         return self.scorer.logits(queries, passages)
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_pairs_in)
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_batch_cost)
     async def _score_chunks(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         queries = [c.query for c in chunks for _ in c.texts]
         passages = [t for c in chunks for t in c.texts]
