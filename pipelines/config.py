@@ -7,6 +7,7 @@ validated before any Ray work starts, and every field has a documented default u
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -48,17 +49,28 @@ class ModelConfig(_Strict):
     """The scoring model, shared by the batch job, the service and the evaluation."""
 
     name_or_path: str = Field(..., description="Hugging Face hub id or local folder.")
-    kind: Literal["cross-encoder", "bi-encoder"] = Field(
+    kind: Literal["cross-encoder", "causal-lm", "bi-encoder"] = Field(
         "cross-encoder",
-        description="cross-encoder: sequence classification over (query, passage). "
+        description="cross-encoder: sequence classification over (query, passage), encoder or decoder "
+        "(e.g. a Llama/Qwen ...ForSequenceClassification). causal-lm: an LLM reranker reading prompt_template; "
+        "its raw score is logit(yes_token) - logit(no_token) at the prompt's last token. "
         "bi-encoder: mean-pooled, L2-normalised embeddings, cosine score.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     max_length: int = Field(
-        512, ge=8, le=32768, description="Max tokens of a (query, passage) pair; the passage is cut."
+        512,
+        ge=8,
+        le=131072,
+        description="Max tokens of a (query, passage) pair or prompt. Nothing is cut from a pair that fits; one "
+        "that does not has its passage cut (long_text truncate) or windowed (long_text chunks).",
     )
     max_query_length: int | None = Field(
-        None, ge=4, description="Max tokens kept of a query (default: half of max_length) so a passage always fits."
+        None,
+        ge=4,
+        description="A query is cut only when its pair does not fit, and then to no fewer than this many tokens "
+        "(or what the passage leaves): the passage always keeps budget - max_query_length tokens, budget being "
+        "max_length less special/template tokens. Default: half the budget (bi-encoder: half of max_length, the "
+        "query embedding's length).",
     )
     batch_size: int = Field(
         256,
@@ -100,6 +112,43 @@ class ModelConfig(_Strict):
     passage_template: str = Field(
         "{text}", description="Python format string applied to each passage, e.g. 'passage:{text}'."
     )
+    prompt_template: str | None = Field(
+        None,
+        description="causal-lm only (required there): the whole prompt, with {query} and {text} once each and "
+        "optionally {instruction}; tokenized as written, no special tokens added (write <bos> etc. yourself). "
+        "See conf/models/ for Qwen3-Reranker and bge-reranker-v2-gemma.",
+    )
+    instruction: str | None = Field(None, description="causal-lm: the text put in the template's {instruction}.")
+    yes_token: str = Field(
+        "yes", description="causal-lm: the vocabulary entry (exact token, e.g. 'yes' or 'Yes') whose logit scores."
+    )
+    no_token: str | None = Field(
+        "no",
+        description="causal-lm: the vocabulary entry subtracted: raw score = logit(yes) - logit(no), [0, 1] score "
+        "= P(yes) over the two. null: raw score = logit(yes) alone, [0, 1] = its sigmoid (bge-reranker-v2-gemma).",
+    )
+    long_text: Literal["truncate", "chunks"] = Field(
+        "truncate",
+        description="truncate: a passage longer than what fits beside the query is cut. chunks: it is cut into "
+        "overlapping windows, each scored with the query, the pair's score the chunk_aggregate of its windows.",
+    )
+    chunk_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="long_text chunks: passage tokens per window (default and upper bound: what fits beside the "
+        "query, so the first window is exactly the pair truncate scores).",
+    )
+    chunk_stride: int | None = Field(
+        None, ge=1, description="long_text chunks: tokens between window starts (default: half a window)."
+    )
+    chunk_aggregate: Literal["max", "first", "mean"] = Field(
+        "max",
+        description="long_text chunks: a pair's logits are its best window's by raw score (max, MaxP), its first "
+        "window's (first) or the mean over its windows (mean); the activation applies after.",
+    )
+    max_windows: int = Field(
+        64, ge=1, description="long_text chunks: windows scored per pair at most; the rest of a passage is ignored."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the model.")
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: the CPUs reserved for the actor)."
@@ -129,10 +178,40 @@ class ModelConfig(_Strict):
             raise ValueError("must contain the placeholder {text}")
         return v
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt_fields(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as err:
+            raise ValueError(f"is not a valid format string ({err}); write literal braces as {{{{ and }}}}") from None
+        for name in ("query", "text"):
+            if fields.count(name) != 1:
+                raise ValueError(f"must contain the placeholder {{{name}}} exactly once")
+        unknown = sorted(set(fields) - {"query", "text", "instruction"})
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; use {{query}}, {{text}} and {{instruction}}")
+        return v
+
     @model_validator(mode="after")
     def _query_fits(self) -> ModelConfig:
         if self.max_query_length is not None and self.max_query_length >= self.max_length:
             raise ValueError("model.max_query_length must be smaller than model.max_length")
+        if self.kind == "causal-lm":
+            if not self.prompt_template:
+                raise ValueError("model.kind causal-lm needs model.prompt_template (see conf/models/ for presets)")
+            if "{instruction}" in self.prompt_template and self.instruction is None:
+                raise ValueError("model.prompt_template uses {instruction}: set model.instruction")
+            if self.instruction is not None and "{instruction}" not in self.prompt_template:
+                raise ValueError("model.instruction is set but model.prompt_template has no {instruction}")
+            if self.backend != "torch":
+                raise ValueError("model.kind causal-lm runs on model.backend torch only")
+        elif self.prompt_template is not None or self.instruction is not None:
+            raise ValueError("model.prompt_template and model.instruction are for model.kind causal-lm")
+        if self.chunk_tokens and self.chunk_stride and self.chunk_stride > self.chunk_tokens:
+            raise ValueError("model.chunk_stride must be <= model.chunk_tokens (windows must overlap or touch)")
         return self
 
 
@@ -592,6 +671,24 @@ class EvalCostConfig(_Strict):
         1.0, ge=0, description="LLM input price per million context tokens, in cost.currency."
     )
     currency: str = Field("USD", description="Label printed beside money figures.")
+    reranker_price_per_hour: float = Field(
+        1.0,
+        ge=0,
+        description="Price of an hour of the hardware the rerankers ran on, in cost.currency: each reranker's "
+        "cost per 1,000 queries is its pairs at its measured pairs/s at this price.",
+    )
+
+
+class RerankerSpec(_Strict):
+    """One reranker of a side-by-side evaluation."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=64,
+        description="Label in the report, the run files (runs/<name>_k<K>.run) and its job folder.",
+    )
+    model: ModelConfig = Field(..., description="The reranker (the same section as rerank run's model).")
 
 
 class EvalReportConfig(_Strict):
@@ -606,7 +703,15 @@ class EvalConfig(_Strict):
 
     data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     first_stage: FirstStageConfig = Field(default_factory=FirstStageConfig)
-    model: ModelConfig = Field(..., description="The reranker; scored through the batch job.")
+    model: ModelConfig | None = Field(
+        None, description="The reranker, scored through the batch job (or give several in rerankers)."
+    )
+    rerankers: list[RerankerSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Several named rerankers ({name, model}) scored over the same first-stage candidates and "
+        "reported side by side; instead of model.",
+    )
     k_values: list[int] = Field(
         [10, 20, 50, 100], min_length=1, description="K: first-stage candidates reranked, one run per value."
     )
@@ -647,6 +752,25 @@ class EvalConfig(_Strict):
     def depth(self) -> int:
         """K_max: candidates per query from the first stage."""
         return self.first_stage.depth or max(self.k_values + self.n_grid + self.n_base)
+
+    @property
+    def reranker_specs(self) -> list[RerankerSpec]:
+        """The rerankers evaluated: the list, or the one `model` under the name 'rerank'."""
+        if self.rerankers:
+            return self.rerankers
+        return [RerankerSpec(name="rerank", model=self.model)]  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _one_way_to_name_rerankers(self) -> EvalConfig:
+        if (self.model is None) == (self.rerankers is None):
+            raise ValueError("give the reranker as model, or several as rerankers: [{name, model}, ...], not both")
+        names = [r.name for r in self.rerankers or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rerankers: the name {dupes[0]!r} is used twice")
+        if "first_stage" in names:
+            raise ValueError("rerankers: 'first_stage' is the name of the first-stage run; pick another")
+        return self
 
     @model_validator(mode="after")
     def _depth(self) -> EvalConfig:

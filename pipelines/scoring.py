@@ -1,17 +1,31 @@
 """The model: one Scorer for the batch job, the service and the evaluation, so their scores agree.
 
 No Ray here. A Scorer loads a model once (through a backend of pipelines.backends: torch, ONNX Runtime or
-OpenVINO) and turns (query, passage) pairs into float32 scores. The pairs of a call are tokenised in blocks on a
-background thread, one block ahead of the model; each block is sorted by token length and cut into micro-batches
-filled up to a token budget (padded tokens counted), handed to the model as int32 arrays, then put back in order.
+OpenVINO; causal-lm rerankers through torch here) and turns (query, passage) pairs into float32 scores.
+Three steps, kept apart:
+
+1. encode (``_encode``): each pair becomes one or more units of input_ids (a pair truncated, or, with
+   ``long_text: chunks``, one unit per window of a long passage) plus a unit -> pair index;
+2. forward (``_run``): the units are cut into blocks; each block is sorted by token length and cut into
+   micro-batches filled up to a token budget (padded tokens counted), handed to the model as int32 arrays, one
+   block ahead of the model on a background thread, then put back in unit order;
+3. reduce (``_reduce``): the units of a pair become one row of logits (max / first / mean of its windows), and
+   ``from_logits`` turns a row into a score.
+
+Truncation of a pair (cross-encoders and causal-lm prompts): nothing is cut when the whole pair fits in
+max_length. When it does not, the passage is cut first; the query is cut only as far as needed to leave the
+passage ``budget - max_query_length`` tokens (budget = max_length less the special or template tokens), or all
+of the passage when it is shorter. So the query keeps max(max_query_length, budget - passage) tokens.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import os
+import string
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -97,6 +111,9 @@ def load_tokenizer_and_labels(config: ModelConfig):
         ) from None
     if config.kind == "bi-encoder":
         return tokenizer, None
+    if config.kind == "causal-lm":
+        label_token_ids(tokenizer, config)
+        return tokenizer, 1
     num_labels = getattr(hf_config, "num_labels", 1)
     if num_labels not in (1, 2):
         raise ConfigError(
@@ -104,6 +121,25 @@ def load_tokenizer_and_labels(config: ModelConfig):
             "logit) or 2 (not relevant / relevant). For an embedding model set model.kind: bi-encoder"
         )
     return tokenizer, num_labels
+
+
+def label_token_ids(tokenizer, config: ModelConfig) -> list[int]:
+    """The vocabulary ids of model.yes_token (and model.no_token when set), looked up as exact vocabulary
+    entries with convert_tokens_to_ids, as the published recipes do."""
+    ids = []
+    for key in ("yes_token", "no_token"):
+        token = getattr(config, key)
+        if token is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(token)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if tid is None or (tid == unk and token != getattr(tokenizer, "unk_token", None)):
+            raise ConfigError(
+                f"model.{key} {token!r} is not a token of {config.name_or_path!r}'s vocabulary; give the exact "
+                f"vocabulary entry (e.g. {tokenizer.convert_ids_to_tokens(tokenizer(token, add_special_tokens=False)['input_ids'])})"
+            )
+        ids.append(int(tid))
+    return ids
 
 
 def plan_device(config: ModelConfig) -> torch.device:
@@ -138,8 +174,133 @@ def describe_model(config: ModelConfig) -> dict:
     }
 
 
+@dataclass
+class Encoded:
+    """The model inputs of one call: one unit per (pair, window), in pair order; ``unit_pair[u]`` is the pair of
+    unit u. Without windows there is one unit per pair."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    unit_pair: np.ndarray
+    n_pairs: int
+
+
+class _PairTemplate:
+    """prefix + query + middle + passage + suffix: the special tokens a tokenizer adds around a pair (BERT's
+    [CLS] q [SEP] p [SEP], RoBERTa's <s> q </s></s> p </s>, none for most decoders), learned from the tokenizer
+    itself and checked on a second pair, so a pair built from separately tokenized (and cut) parts equals what
+    ``tokenizer(query, passage)`` gives."""
+
+    def __init__(self, tokenizer, name: str):
+        self.parts = self._learn(tokenizer, "flow field", "the boundary layer of a wing")
+        probe = ("what is heat transfer at mach 3", "shock")
+        q, p = (tokenizer(x, add_special_tokens=False)["input_ids"] for x in probe)
+        ids, types = self.build(q, p)
+        enc = tokenizer(*probe)
+        if ids != enc["input_ids"] or (types is not None and types != enc.get("token_type_ids")):
+            raise ConfigError(
+                f"cannot reproduce how {name!r}'s tokenizer joins a (query, passage) pair; "
+                "report the model, or set model.kind to causal-lm with a prompt_template"
+            )
+        self.n_special = len(self.parts[0][0]) + len(self.parts[0][2]) + len(self.parts[0][4])
+
+    @staticmethod
+    def _learn(tokenizer, query: str, passage: str):
+        q = tokenizer(query, add_special_tokens=False)["input_ids"]
+        p = tokenizer(passage, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(query, passage)
+        full, types = enc["input_ids"], enc.get("token_type_ids")
+        i = next((k for k in range(len(full)) if full[k : k + len(q)] == q), None)
+        j = None if i is None else next((k for k in range(i + len(q), len(full)) if full[k : k + len(p)] == p), None)
+        if i is None or j is None:
+            raise ConfigError("the model's tokenizer does not keep a pair's query and passage tokens as they are")
+        segs = [(0, i), (i, i + len(q)), (i + len(q), j), (j, j + len(p)), (j + len(p), len(full))]
+        ids = [full[a:b] for a, b in segs]
+        type_parts = None if types is None else [types[a:b] for a, b in segs]
+        if type_parts is not None:  # the query's and the passage's type: one value each
+            type_parts[1] = types[i] if len(q) else 0
+            type_parts[3] = types[j] if len(p) else 1
+        return ids, type_parts
+
+    def build(self, q: list[int], p: list[int]) -> tuple[list[int], list[int] | None]:
+        ids, types = self.parts
+        out = ids[0] + q + ids[2] + p + ids[4]
+        if types is None:
+            return out, None
+        return out, types[0] + [types[1]] * len(q) + types[2] + [types[3]] * len(p) + types[4]
+
+
+class _Prompt:
+    """model.prompt_template split around its {query} and {text} fields: fixed text (the instruction
+    included, never cut) and the two variable parts, in template order."""
+
+    def __init__(self, config: ModelConfig, tokenizer):
+        fields = {"instruction": config.instruction or ""}
+        pieces: list[str] = [""]
+        self.order: list[str] = []
+        for literal, field, spec, conv in string.Formatter().parse(config.prompt_template or ""):
+            pieces[-1] += literal
+            if field is None:
+                continue
+            if field in ("query", "text"):
+                self.order.append(field)
+                pieces.append("")
+            else:  # {instruction}: fixed text, never cut
+                pieces[-1] += fields[field]
+        self.fixed = pieces  # three strings: before, between, after the variable parts
+        self.fixed_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] if x else [] for x in pieces]
+        self.n_fixed = sum(len(x) for x in self.fixed_ids)
+
+    def format(self, query: str, text: str) -> str:
+        values = {"query": query, "text": text}
+        a, b = (values[f] for f in self.order)
+        return self.fixed[0] + a + self.fixed[1] + b + self.fixed[2]
+
+    def build(self, q: list[int], p: list[int]) -> list[int]:
+        values = {"query": q, "text": p}
+        a, b = (values[f] for f in self.order)
+        f = self.fixed_ids
+        return f[0] + a + f[1] + b + f[2]
+
+
+class _CausalLM(backends.Backend):
+    """An LLM reranker on torch: the logits of the yes (and no) tokens at each row's last position. Rows come
+    left-padded, so the last position is the last real token and only its logits are computed (logits_to_keep);
+    position ids count real tokens only, as in the unpadded prompt."""
+
+    name = "torch"
+    uses_token_type_ids = False
+
+    def __init__(self, config: ModelConfig, device: torch.device, label_ids: list[int]):
+        from transformers import AutoModelForCausalLM
+
+        gpu_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
+        weights = gpu_dtype if (device.type == "cuda" and gpu_dtype is not None) else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.name_or_path, dtype=weights, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+        self.model.to(device).eval()
+        self.device, self.label_ids, self.hf_config = device, label_ids, self.model.config
+        self.autocast = device.type == "cpu" and config.dtype == "bfloat16"
+        params = inspect.signature(self.model.forward).parameters
+        self.keep_last = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self.positions = "position_ids" in params
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        ids = torch.from_numpy(input_ids).long().to(self.device)
+        mask = torch.from_numpy(attention_mask).long().to(self.device)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self.positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            last = self.model(**kwargs).logits[:, -1, :]
+            return last[:, self.label_ids].float().cpu().numpy()
+
+
 class Scorer:
-    """Scores (query, passage) pairs with a cross-encoder or a bi-encoder.
+    """Scores (query, passage) pairs with a cross-encoder, a causal-LM reranker or a bi-encoder.
 
     >>> scorer = Scorer(ModelConfig(name_or_path="cross-encoder/ms-marco-MiniLM-L6-v2"))
     >>> scorer.score(["what is ray"], ["Ray is a framework for scaling Python."])
@@ -151,16 +312,66 @@ class Scorer:
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         self.tokenizer, num_labels = load_tokenizer_and_labels(config)
-        self.num_labels: int | None = num_labels if config.kind == "cross-encoder" else None
+        self.num_labels: int | None = num_labels if config.kind != "bi-encoder" else None
         limit = min(config.max_length, _max_positions(self.tokenizer, None))
-        self.backend = backends.load_backend(config, self.device, self.tokenizer, limit)
+        if config.kind == "causal-lm":
+            self._label_ids = label_token_ids(self.tokenizer, config)
+            self.backend: backends.Backend = _CausalLM(config, self.device, self._label_ids)
+            # Left: every row's last real token is the last position, the only one whose logits are computed.
+            self.tokenizer.padding_side = "left"
+        else:
+            if config.kind == "cross-encoder":
+                self._set_pad_token()
+            self.backend = backends.load_backend(config, self.device, self.tokenizer, limit)
+            if config.kind == "cross-encoder":
+                self._sync_pad_token(self.backend.hf_config)
+                # Right: every real token keeps its unpadded position (decoder classifiers included).
+                self.tokenizer.padding_side = "right"
         self.max_length = min(config.max_length, _max_positions(self.tokenizer, self.backend.hf_config))
-        self.max_query_length = config.max_query_length or self.max_length // 2
+        # Texts are tokenized whole and cut by the rules below: no "longer than the maximum" warnings.
+        self.tokenizer.model_max_length = 1 << 30
         self.max_batch_tokens = max_batch_tokens(config, self.device)
+        #: units (windows; one per pair unless long_text is chunks) the last score()/logits() call scored
+        self.last_windows = 0
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._tokenize_pool: ThreadPoolExecutor | None = None
         self._forward_lock = threading.Lock()
         self.stats = {"forward_passes": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
+        if config.kind == "bi-encoder":
+            self.max_query_length = config.max_query_length or self.max_length // 2
+            return
+        if config.kind == "cross-encoder":
+            self._template = _PairTemplate(self.tokenizer, config.name_or_path)
+            fixed = self._template.n_special
+        else:
+            self._prompt = _Prompt(config, self.tokenizer)
+            fixed = self._prompt.n_fixed
+        #: tokens a query and a passage share in one pair, less the special or template tokens
+        self.budget = self.max_length - fixed
+        self.max_query_length = config.max_query_length or self.budget // 2
+        if self.budget - self.max_query_length < 1:
+            what = "special tokens" if config.kind == "cross-encoder" else "prompt_template tokens"
+            raise ConfigError(
+                f"model.max_length {self.max_length} less {fixed} {what} leaves {self.budget} tokens for a query "
+                f"and a passage, no more than model.max_query_length {self.max_query_length}: raise max_length or "
+                "lower max_query_length"
+            )
+
+    def _set_pad_token(self) -> None:
+        """Decoder models loaded for sequence classification often save no pad token: the eos token becomes it."""
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            if tok.eos_token is None:
+                raise ConfigError(
+                    f"the tokenizer of {self.config.name_or_path!r} has neither a pad nor an eos token; "
+                    "save one with tokenizer.pad_token = ..."
+                )
+            tok.pad_token = tok.eos_token
+
+    def _sync_pad_token(self, hf_config) -> None:
+        """The model finds each row's last real token through config.pad_token_id: it must be the tokenizer's."""
+        if hf_config is not None and getattr(hf_config, "pad_token_id", None) != self.tokenizer.pad_token_id:
+            hf_config.pad_token_id = self.tokenizer.pad_token_id
 
     @functools.cached_property
     def info(self) -> ModelInfo:
@@ -183,21 +394,27 @@ class Scorer:
         """Scores aligned lists of queries and passages, model.activation applied; float32 of the same length."""
         if self.config.kind == "bi-encoder":
             q, p = self._formatted(queries, passages)
+            self.last_windows = len(q)
             return self._score_bi(q, p) if q else np.zeros(0, dtype=np.float32)
         return self.from_logits(self.logits(queries, passages))
 
     def logits(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
-        """A cross-encoder's logits, float32 [n, num_labels]; `from_logits` turns them into scores."""
-        if self.config.kind != "cross-encoder":
-            raise ConfigError("logits() needs model.kind: cross-encoder")
+        """A pair model's logits, float32 [n, num_labels] (causal-lm: [n, 1], logit(yes) - logit(no)), windows
+        already reduced to one row per pair; `from_logits` turns them into scores."""
+        if self.config.kind == "bi-encoder":
+            raise ConfigError("logits() needs model.kind: cross-encoder or causal-lm")
         q, p = self._formatted(queries, passages)
         if not q:
+            self.last_windows = 0
             return np.zeros((0, self.num_labels or 1), dtype=np.float32)
-        return self._logits_cross(q, p)
+        enc = self._encode(q, p)
+        self.last_windows = len(enc.input_ids)
+        return self._reduce(self._forward(enc), enc)
 
     def from_logits(self, logits: np.ndarray, activation: str | None = None) -> np.ndarray:
         """Scores from logits: the logit (of the positive class for 2 labels), or with activation "sigmoid" a
-        probability (softmax of the positive class for 2 labels). Defaults to model.activation."""
+        probability (softmax of the positive class for 2 labels; P(yes) over yes and no for causal-lm).
+        Defaults to model.activation."""
         activation = activation or self.config.activation
         logits = np.asarray(logits, dtype=np.float32)
         if self.num_labels == 1:
@@ -220,32 +437,143 @@ class Scorer:
             order = order[:top_n]
         return [(int(i), float(scores[i])) for i in order]
 
-    # ------------------------------------------------------------------ cross-encoder
+    def first_cut(self, query: str, texts: Sequence[str], tokenizer=None) -> tuple[int, int, int] | None:
+        """The first (query, text) pair of which scoring would cut something, as (index, tokens the whole pair
+        needs, model's limit); index -1 when it is the query that would be cut. With long_text: chunks a long
+        passage is windowed, not cut, so only the query counts. None when nothing would be cut. For the service's
+        APIs that refuse rather than cut (TEI, NIM); `tokenizer` lets it check on its own thread."""
+        tok = tokenizer or self.tokenizer
+        query = self.config.query_template.format(query=query)
+        texts = [self.config.passage_template.format(text=t) for t in texts]
+        fixed = self.max_length - self.budget
+        whole = None
+        if self.config.kind == "causal-lm":
+            whole = [len(x) for x in _ids(tok, [self._prompt.format(query, t) for t in texts])]
+        nq = len(_ids(tok, [query])[0])
+        lengths = [len(x) for x in _ids(tok, texts)]
+        for i, n in enumerate(lengths):
+            if whole is not None and whole[i] <= self.max_length:
+                continue
+            keep_q, keep_p = self._split(nq, n)
+            if keep_q < nq:
+                return -1, nq + n + fixed, self.max_length
+            if keep_p < n and self.config.long_text == "truncate":
+                return i, nq + n + fixed, self.max_length
+        return None
 
-    def _cap_queries(self, queries: list[str]) -> list[str]:
-        """Cut over-long queries so pair truncation can always cut the passage, never the query."""
-        unique = list(dict.fromkeys(queries))
-        ids = self.tokenizer(unique, add_special_tokens=False, truncation=False)["input_ids"]
-        capped = {}
-        for text, tok in zip(unique, ids):
-            if len(tok) > self.max_query_length:
-                capped[text] = self.tokenizer.decode(tok[: self.max_query_length])
-        return [capped.get(x, x) for x in queries] if capped else queries
+    # ------------------------------------------------------------------ encode: pairs -> units
 
-    def _encode_pairs(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
-        """Token ids of each (query, passage) pair, unpadded: input_ids (and token_type_ids where the tokenizer
-        makes them). The query is kept whole up to max_query_length; the passage is cut to fit max_length."""
-        queries = self._cap_queries(queries)
-        enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length, padding=False)
-        return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+    def _split(self, nq: int, np_: int) -> tuple[int, int]:
+        """Tokens kept of a query and of a passage: all when they fit in the budget; else the passage is cut
+        first, the query only as far as needed to leave the passage budget - max_query_length tokens."""
+        keep_q = min(nq, max(self.max_query_length, self.budget - np_))
+        return keep_q, min(np_, self.budget - keep_q)
+
+    def _windows(self, n: int, room: int) -> list[tuple[int, int]]:
+        """Token spans of a passage of n tokens: [(0, room)] with long_text truncate; with chunks, overlapping
+        windows of chunk_tokens (at most room) every chunk_stride tokens until the passage's end is covered."""
+        if self.config.long_text == "truncate" or n <= room:
+            return [(0, room)]
+        cfg = self.config
+        width = min(cfg.chunk_tokens or room, room)
+        stride = min(cfg.chunk_stride or max(1, width // 2), width)
+        spans, start = [], 0
+        while True:
+            spans.append((start, min(start + width, n)))
+            if start + width >= n or len(spans) == cfg.max_windows:
+                return spans
+            start += stride
+
+    def _encode(self, queries: list[str], passages: list[str]) -> Encoded:
+        if self.config.kind == "causal-lm":
+            return self._encode_prompts(queries, passages)
+        q_ids = _unique_ids(self.tokenizer, queries)
+        p_ids = _unique_ids(self.tokenizer, passages)
+        ids, types, unit_pair = [], [], []
+        template = self._template
+        for k, (q, p) in enumerate(zip(queries, passages)):
+            qi, pi = q_ids[q], p_ids[p]
+            keep_q, keep_p = self._split(len(qi), len(pi))
+            for a, b in self._windows(len(pi), keep_p):
+                u_ids, u_types = template.build(qi[:keep_q], pi[a:b])
+                ids.append(u_ids)
+                types.append(u_types)
+                unit_pair.append(k)
+        has_types = template.parts[1] is not None
+        return Encoded(ids, types if has_types else None, np.asarray(unit_pair, dtype=np.int64), len(queries))
+
+    def _encode_prompts(self, queries: list[str], passages: list[str]) -> Encoded:
+        """A prompt that fits is the formatted string tokenized whole, with no special tokens beyond what the
+        template writes (exactly the one-pair reference); one that does not fit is built from the template's
+        fixed parts and the query and document tokens, the document cut (or windowed) first."""
+        prompt = self._prompt
+        whole = _ids(self.tokenizer, [prompt.format(q, p) for q, p in zip(queries, passages)])
+        long = [k for k, x in enumerate(whole) if len(x) > self.max_length]
+        q_ids = _unique_ids(self.tokenizer, [queries[k] for k in long])
+        p_ids = _unique_ids(self.tokenizer, [passages[k] for k in long])
+        ids, unit_pair = [], []
+        for k, x in enumerate(whole):
+            if len(x) <= self.max_length:
+                ids.append(x)
+                unit_pair.append(k)
+                continue
+            qi, pi = q_ids[queries[k]], p_ids[passages[k]]
+            keep_q, keep_p = self._split(len(qi), len(pi))
+            for a, b in self._windows(len(pi), keep_p):
+                ids.append(prompt.build(qi[:keep_q], pi[a:b]))
+                unit_pair.append(k)
+        return Encoded(ids, None, np.asarray(unit_pair, dtype=np.int64), len(queries))
+
+    # ------------------------------------------------------------------ forward: units -> logits
+
+    def _forward(self, enc: Encoded) -> np.ndarray:
+        """One row of logits per unit, in unit order: [units, num_labels]; causal-lm: [units, 2 or 1], the
+        last real token's logits of yes (and no). Batching and the forward pass are _run's."""
+        width = len(self._label_ids) if self.config.kind == "causal-lm" else (self.num_labels or 1)
+        out = np.empty((len(enc.input_ids), width), dtype=np.float32)
+
+        def encode(start: int, end: int) -> dict[str, list[list[int]]]:
+            block = {"input_ids": enc.input_ids[start:end]}
+            if enc.token_type_ids is not None:
+                block["token_type_ids"] = enc.token_type_ids[start:end]
+            return block
+
+        return self._run(len(enc.input_ids), encode, out)
 
     def _encode_texts(self, texts: list[str], max_length: int) -> dict[str, list[list[int]]]:
         enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
         return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
 
-    def _logits_cross(self, queries: list[str], passages: list[str]) -> np.ndarray:
-        out = np.empty((len(queries), self.num_labels or 1), dtype=np.float32)
-        return self._run(len(queries), lambda s, e: self._encode_pairs(queries[s:e], passages[s:e]), out)
+    # ------------------------------------------------------------------ reduce: units -> one row per pair
+
+    def _head(self, unit_logits: np.ndarray) -> np.ndarray:
+        """causal-lm: logit(yes) - logit(no) (or logit(yes) alone without a no_token), one column."""
+        if self.config.kind != "causal-lm":
+            return unit_logits
+        if unit_logits.shape[1] == 1:
+            return unit_logits
+        return (unit_logits[:, :1] - unit_logits[:, 1:2]).astype(np.float32)
+
+    def _reduce(self, unit_logits: np.ndarray, enc: Encoded) -> np.ndarray:
+        """One row per pair: a pair's only unit, or for windowed pairs the row of its best window by raw score
+        (max), its first window (first), or the mean of its windows' logits (mean). The [0, 1] score is then the
+        activation of that row, so raw and [0, 1] scores come from the same window."""
+        rows = self._head(unit_logits)
+        if len(rows) == enc.n_pairs:
+            return rows
+        starts = np.searchsorted(enc.unit_pair, np.arange(enc.n_pairs))
+        ends = np.append(starts[1:], len(rows))
+        raw = self.from_logits(rows, "none")
+        out = np.empty((enc.n_pairs, rows.shape[1]), dtype=np.float32)
+        how = self.config.chunk_aggregate
+        for k, (a, b) in enumerate(zip(starts, ends)):
+            if b - a == 1 or how == "first":
+                out[k] = rows[a]
+            elif how == "max":
+                out[k] = rows[a + int(np.argmax(raw[a:b]))]
+            else:
+                out[k] = rows[a:b].mean(axis=0)
+        return out
 
     # ------------------------------------------------------------------ bi-encoder
 
@@ -369,6 +697,19 @@ def _max_positions(tokenizer, hf_config) -> int:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function, float32."""
     return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(np.float32)
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as it is, no special tokens, nothing cut."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+
+
+def _unique_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
+    """Token ids of each distinct text (a query is usually shared by many pairs)."""
+    unique = list(dict.fromkeys(texts))
+    return dict(zip(unique, _ids(tokenizer, unique)))
 
 
 def _positions(items: list[str], unique: list[str]) -> np.ndarray:

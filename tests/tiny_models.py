@@ -3,6 +3,7 @@ from_pretrained path users take, without any download."""
 
 from __future__ import annotations
 
+import functools
 import string
 from pathlib import Path
 
@@ -61,4 +62,92 @@ def build_bi_encoder(path: str | Path, seed: int = 0) -> Path:
     _write_tokenizer(path)
     torch.manual_seed(seed)
     BertModel(_bert_config()).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+CRANFIELD = Path(__file__).resolve().parent.parent / "pipelines" / "data" / "cranfield" / "cran.all.1400"
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@functools.cache
+def _bpe_json(vocab_size: int = 800) -> str:
+    """A byte-level BPE tokenizer trained on the Cranfield abstracts (the way GPT-2/Qwen tokenizers are built);
+    'yes' and 'no' are whole vocabulary entries. Trained once per process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    lines = [x for x in CRANFIELD.read_text().splitlines() if x and not x.startswith(".")]
+    tok.train_from_iterator(lines + ["yes", "no"] * 5000, trainer=trainer)
+    for word in ("yes", "no"):
+        assert tok.token_to_id(word) is not None, word
+    return tok.to_str()
+
+
+def _write_bpe_tokenizer(path: Path, padding_side: str, pad_token: bool) -> None:
+    """The Cranfield BPE tokenizer saved so AutoTokenizer.from_pretrained loads it."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_bpe_json()),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>" if pad_token else None,
+        padding_side=padding_side,
+        model_max_length=512,
+    )
+    fast.save_pretrained(path)
+
+
+def _qwen3_config(vocab_size: int, **extra):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def build_causal_lm(path: str | Path, padding_side: str = "left", seed: int = 0) -> Path:
+    """A two-layer Qwen3ForCausalLM (the architecture of Qwen3-Reranker) with a Cranfield BPE tokenizer."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    path = Path(path)
+    _write_bpe_tokenizer(path, padding_side, pad_token=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = _qwen3_config(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def build_decoder_classifier(
+    path: str | Path, num_labels: int = 1, padding_side: str = "right", pad_token: bool = False, seed: int = 0
+) -> Path:
+    """A two-layer Qwen3ForSequenceClassification (the shape of decoder rerankers converted to a score head).
+    By default neither the tokenizer nor the model config has a pad token, as with many decoder checkpoints."""
+    from transformers import AutoTokenizer, Qwen3ForSequenceClassification
+
+    path = Path(path)
+    _write_bpe_tokenizer(path, padding_side, pad_token=pad_token)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = _qwen3_config(len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    Qwen3ForSequenceClassification(cfg).save_pretrained(path)
     return path

@@ -48,7 +48,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import connect
 
     config = load_config(EvalConfig, args.config, args.overrides)
-    check_model_config(config.model)  # an unsupported backend/dtype is refused before Ray starts
+    for spec in config.reranker_specs:  # an unsupported backend/dtype is refused before Ray starts
+        check_model_config(spec.model)
     connect(config.ray)
     result = run_eval(config)
     print(result.markdown)

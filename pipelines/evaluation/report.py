@@ -22,34 +22,66 @@ FIRST_STAGE = "first_stage"
 PLOT = "quality_vs_tokens.png"
 
 
+def reranker_figures(config: EvalConfig, summary: Any, pairs: dict[int, int], n_queries: int) -> dict[str, Any]:
+    """A reranker's measured throughput and what reranking K candidates per query costs per 1,000 queries at it."""
+    pps = summary.pairs_per_s
+    per_k = {}
+    for k, n in pairs.items():
+        seconds = 1000 * n / n_queries / pps if pps and n_queries else None
+        per_k[str(k)] = {
+            "pairs_scored": n,
+            "seconds_per_1000_queries": seconds,
+            "cost_per_1000_queries": None if seconds is None else seconds / 3600 * config.cost.reranker_price_per_hour,
+        }
+    return {
+        "model": summary.model,
+        "pairs_scored": summary.pairs_scored,
+        "rejected": summary.rejected,
+        "wall_time_s": summary.wall_time_s,
+        "pairs_per_s": pps,
+        "windows_scored": getattr(summary, "windows_scored", None),
+        "at_k": per_k,
+    }
+
+
 def build_report(
     *,
     config: EvalConfig,
     coll: Collection,
     qids: list[str],
     fs_info: dict[str, Any],
-    summary: Any,
+    summaries: dict[str, Any],
     measures: dict[str, dict[str, float]],
     tokens: dict[str, np.ndarray],
-    pairs: dict[int, int],
+    pairs: dict[str, dict[int, int]],
     rows: list[dict[str, Any]],
     timing: dict[str, float],
 ) -> dict[str, Any]:
+    from pipelines.evaluation.sweep import job_dir_name, run_name
+
     price = config.cost.price_per_million_tokens
     token_ns = sorted(set(config.n_grid + config.n_base + [r["n_reranked"] for r in rows if r["n_reranked"]]))
+    owner = {run_name(k, s.name): (s.name, k) for s in config.reranker_specs for k in config.k_values}
     runs: dict[str, Any] = {}
     for name, m in measures.items():
-        k = None if name == FIRST_STAGE else int(name.rsplit("k", 1)[1])
+        reranker, k = owner.get(name, (None, None))
+        pps = summaries[reranker].pairs_per_s if reranker else None
         runs[name] = {
+            "reranker": reranker,
             "k": k,
             "file": f"runs/{name}.run",
             "measures": m,
             "llm_context": {str(n): token_summary(tokens[name], n, price) for n in token_ns},
-            "reranker_pairs_scored": 0 if k is None else pairs[k],
-            "reranker_seconds_estimated": (
-                None if k is None else (pairs[k] / summary.pairs_per_s if summary.pairs_per_s else None)
-            ),
+            "reranker_pairs_scored": 0 if k is None else pairs[reranker][k],
+            "reranker_seconds_estimated": (None if k is None else (pairs[reranker][k] / pps if pps else None)),
         }
+    rerankers = {}
+    for spec in config.reranker_specs:
+        rerankers[spec.name] = reranker_figures(config, summaries[spec.name], pairs[spec.name], len(qids))
+        rerankers[spec.name]["job_output"] = job_dir_name(config, spec.name)
+        rerankers[spec.name]["name_or_path"] = spec.model.name_or_path
+        rerankers[spec.name]["kind"] = spec.model.kind
+    first = config.reranker_specs[0].name
     return {
         "collection": {
             "name": coll.name,
@@ -59,25 +91,22 @@ def build_report(
         },
         "settings": {
             "first_stage": fs_info,
-            "reranker": config.model.name_or_path,
+            "reranker": ", ".join(s.model.name_or_path for s in config.reranker_specs),
+            "rerankers": {s.name: s.model.name_or_path for s in config.reranker_specs},
             "k_values": config.k_values,
             "n_grid": config.n_grid,
             "n_base": config.n_base,
             "quality_measure": config.quality_measure,
             "tolerance": config.tolerance,
-            "tokenizer": config.cost.tokenizer or config.model.name_or_path,
+            "tokenizer": config.cost.tokenizer or config.reranker_specs[0].model.name_or_path,
             "price_per_million_tokens": price,
+            "reranker_price_per_hour": config.cost.reranker_price_per_hour,
             "currency": config.cost.currency,
             "measures_library": "ir_measures (pytrec_eval); mean over evaluated queries, a query with no result = 0",
         },
-        "reranker": {
-            "model": summary.model,
-            "pairs_scored": summary.pairs_scored,
-            "rejected": summary.rejected,
-            "wall_time_s": summary.wall_time_s,
-            "pairs_per_s": summary.pairs_per_s,
-            "job_output": "rerank_job",
-        },
+        # The first (or only) reranker, as one model's report always had it.
+        "reranker": rerankers[first],
+        "rerankers": rerankers,
         "runs": runs,
         "tradeoff": rows,
         "timing_s": timing,
@@ -157,13 +186,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     grid, qm, cur = s["n_grid"], s["quality_measure"], s["currency"]
     runs = report["runs"]
     fs = s["first_stage"]
+    rr = report["rerankers"]
+    several = len(rr) > 1
+    if several:
+        who = "rerankers " + "; ".join(
+            f"{n}: {v['name_or_path']} ({v['pairs_scored']:,} pairs in {v['wall_time_s']:.1f} s, "
+            f"{v['pairs_per_s']:.1f} pairs/s)"
+            for n, v in rr.items()
+        )
+    else:
+        who = (
+            f"reranker {s['reranker']} ({r['pairs_scored']:,} pairs in {r['wall_time_s']:.1f} s, "
+            f"{r['pairs_per_s']:.1f} pairs/s end to end)"
+        )
     out = [
         f"# What reranking buys: {c['name']}",
         "",
         (
             f"{c['queries_evaluated']} queries, {c['documents']:,} documents; first stage {fs['kind']} top "
-            f"{fs['depth']}; reranker {s['reranker']} ({r['pairs_scored']:,} pairs in {r['wall_time_s']:.1f} s, "
-            f"{r['pairs_per_s']:.1f} pairs/s end to end). LLM context counted with {s['tokenizer']} at "
+            f"{fs['depth']}; {who}. LLM context counted with {s['tokenizer']} at "
             f"{s['price_per_million_tokens']} {cur} per million tokens."
         ),
         "",
@@ -207,7 +248,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         nr = t["n_reranked"]
         base, same = t["llm_first_stage_at_n_base"], t["llm_reranked_at_n_reranked"]
         rows.append(
-            [
+            ([t["reranker"]] if several else [])
+            + [
                 str(t["n_base"]),
                 str(t["k"]),
                 _f(t["first_stage_quality_at_n_base"]),
@@ -226,7 +268,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     out.append(
         _table(
-            [
+            (["reranker"] if several else [])
+            + [
                 "N_Base",
                 "K",
                 f"first stage {qm}@N_Base",
@@ -254,8 +297,46 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Reranker seconds: its pairs at the measured end-to-end throughput. Runs: runs/<run>.run; judgments: "
         "qrels.txt.",
         "",
+        (
+            f"## Rerankers side by side (quality = {qm}@N; cost at {s['reranker_price_per_hour']} {cur} per hour of the "
+            "scoring hardware)"
+        ),
+        "",
+        _side_by_side(report),
+        "",
     ]
     return "\n".join(out)
+
+
+def _side_by_side(report: dict[str, Any]) -> str:
+    """One row per (reranker, K): quality at every N, N_Reranked and tokens saved per N_Base, throughput, cost."""
+    s = report["settings"]
+    grid, qm, cur, n_base = s["n_grid"], s["quality_measure"], s["currency"], s["n_base"]
+    trade = {(t["reranker"], t["k"], t["n_base"]): t for t in report["tradeoff"]}
+    rows = []
+    for v in report["runs"].values():
+        if v["reranker"] is None:
+            continue
+        fig = report["rerankers"][v["reranker"]]
+        at_k = fig["at_k"][str(v["k"])]
+        cells = [v["reranker"], str(v["k"]), *[_f(v["measures"][f"{qm}@{n}"]) for n in grid]]
+        for nb in n_base:
+            t = trade[(v["reranker"], v["k"], nb)]
+            cells.append(str(t["n_reranked"]) if t["n_reranked"] else "-")
+            cells.append(f"{100 * t['llm_tokens_saved_fraction']:.0f}%" if t["n_reranked"] else "-")
+        cells += [
+            f"{fig['pairs_per_s']:.1f}",
+            _f(at_k["seconds_per_1000_queries"], 1),
+            "-" if at_k["cost_per_1000_queries"] is None else _money(at_k["cost_per_1000_queries"], cur),
+        ]
+        rows.append(cells)
+    first = report["runs"]["first_stage"]["measures"]
+    rows.insert(0, ["first stage", "-", *[_f(first[f"{qm}@{n}"]) for n in grid], *["-"] * (2 * len(n_base) + 3)])
+    header = ["reranker", "K", *[f"{qm}@{n}" for n in grid]]
+    for nb in n_base:
+        header += [f"N_Reranked (N_Base={nb})", f"tokens saved (N_Base={nb})"]
+    header += ["pairs/s", "reranker s/1k queries", "reranker cost/1k queries"]
+    return _table(header, rows)
 
 
 def plot(path: Path, report: dict[str, Any], tokens: dict[str, np.ndarray], config: EvalConfig) -> None:
@@ -267,11 +348,27 @@ def plot(path: Path, report: dict[str, Any], tokens: dict[str, np.ndarray], conf
 
     qm, depth, grid = config.quality_measure, config.depth, config.n_grid
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    names = list(report["rerankers"])
+    several = len(names) > 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dashes = ["-", "--", ":", "-."]
     for name, run in report["runs"].items():
         tok = tokens[name].mean(axis=0) if tokens[name].shape[0] else np.zeros(depth)
         m = run["measures"]
-        style = {"color": "black", "linewidth": 2.2} if name == FIRST_STAGE else {"linewidth": 1.4}
-        label = "first stage" if name == FIRST_STAGE else f"reranked, K={run['k']}"
+        if name == FIRST_STAGE:
+            style = {"color": "black", "linewidth": 2.2}
+            label = "first stage"
+        elif several:  # a colour per reranker, a line style per K
+            ki = config.k_values.index(run["k"])
+            style = {
+                "linewidth": 1.4,
+                "color": colors[names.index(run["reranker"]) % len(colors)],
+                "linestyle": dashes[ki % len(dashes)],
+            }
+            label = f"{run['reranker']}, K={run['k']}"
+        else:
+            style = {"linewidth": 1.4}
+            label = f"reranked, K={run['k']}"
         curve = [m[f"{qm}@{n}"] for n in range(1, depth + 1)]
         (line,) = axes[0].plot(tok, curve, label=label, **style)
         axes[0].scatter([tok[n - 1] for n in grid], [m[f"{qm}@{n}"] for n in grid], s=14, color=line.get_color())
@@ -283,6 +380,7 @@ def plot(path: Path, report: dict[str, Any], tokens: dict[str, np.ndarray], conf
             label=label,
             color=line.get_color(),
             linewidth=style["linewidth"],
+            linestyle=style.get("linestyle", "-"),
         )
     first_tok = tokens[FIRST_STAGE].mean(axis=0) if tokens[FIRST_STAGE].shape[0] else np.zeros(depth)
     for n in grid:

@@ -9,6 +9,10 @@ chunks only. The reranker cost of a K is what a pipeline reranking K candidates 
 query's top K, at the job's measured throughput.
 
 Candidates the job rejects (empty text) keep no score; they sort after the scored ones within the top K.
+
+Several rerankers (``rerankers: [{name, model}, ...]``) are each scored by their own job over the same first-stage
+candidates; their runs are named ``<name>_k<K>`` (one ``model:`` is the reranker named ``rerank``), so quality,
+N_Reranked, tokens and each reranker's measured throughput and cost are reported side by side.
 """
 
 from __future__ import annotations
@@ -34,8 +38,13 @@ _MARKER = ".rerank-eval"
 _EPS = 1e-9  # means of the same per-query values summed in another order may differ in the last bits
 
 
-def run_name(k: int) -> str:
-    return f"rerank_k{k}"
+def run_name(k: int, reranker: str = "rerank") -> str:
+    return f"{reranker}_k{k}"
+
+
+def job_dir_name(config: EvalConfig, reranker: str) -> str:
+    """The batch job's output folder in the report: rerank_job for one model, rerank_job_<name> for several."""
+    return "rerank_job" if config.rerankers is None else f"rerank_job_{reranker}"
 
 
 @dataclass
@@ -107,7 +116,7 @@ def first_stage_candidates(config: EvalConfig, coll: Collection, qids: list[str]
 
 
 def score_candidates(
-    config: EvalConfig, coll: Collection, ranking: Ranking, work_dir: Path, job_dir: Path
+    config: EvalConfig, coll: Collection, ranking: Ranking, work_dir: Path, job_dir: Path, model: Any = None
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Score every first-stage candidate once with the batch job; returns query -> doc -> score and the
     job's summary. Ray must be running (the entry point starts it)."""
@@ -139,7 +148,7 @@ def score_candidates(
     job = RerankJobConfig(
         input=InputConfig(uri=str(cand_dir)),
         output=OutputConfig(uri=str(job_dir), top_n=max(len(v) for v in ranking.values()), mode="overwrite"),
-        model=config.model,
+        model=model or config.reranker_specs[0].model,
         scale=config.scale,
         ray=config.ray,
     )
@@ -189,22 +198,24 @@ def tradeoff(
     pairs: dict[int, int],
     config: EvalConfig,
     pairs_per_s: float,
+    reranker: str = "rerank",
 ) -> list[dict[str, Any]]:
-    """The three answers for every (N_Base, K)."""
+    """The three answers for every (N_Base, K) of one reranker."""
     qm, depth, price = config.quality_measure, config.depth, config.cost.price_per_million_tokens
     rows = []
     for nb in config.n_base:
         base = measures[FIRST_STAGE][f"{qm}@{nb}"]
         base_cost = token_summary(tokens[FIRST_STAGE], nb, price)
         for k in config.k_values:
-            m = measures[run_name(k)]
+            m = measures[run_name(k, reranker)]
             target = base - config.tolerance - _EPS
             n_r = next((n for n in range(1, depth + 1) if m[f"{qm}@{n}"] >= target), None)
             # The first stage may reach its own N_Base quality with fewer chunks (nothing relevant at the last
             # ranks): savings down to this N owe nothing to reranking.
             n_first = next(n for n in range(1, nb + 1) if measures[FIRST_STAGE][f"{qm}@{n}"] >= base - _EPS)
-            same_n = token_summary(tokens[run_name(k)], nb, price)
+            same_n = token_summary(tokens[run_name(k, reranker)], nb, price)
             row: dict[str, Any] = {
+                "reranker": reranker,
                 "n_base": nb,
                 "k": k,
                 "measure": qm,
@@ -216,7 +227,7 @@ def tradeoff(
                 "reranked_quality_at_n_reranked": m[f"{qm}@{n_r}"] if n_r else None,
                 "llm_first_stage_at_n_base": base_cost,
                 "llm_reranked_at_n_base": same_n,
-                "llm_reranked_at_n_reranked": token_summary(tokens[run_name(k)], n_r, price) if n_r else None,
+                "llm_reranked_at_n_reranked": token_summary(tokens[run_name(k, reranker)], n_r, price) if n_r else None,
                 "reranker_pairs_scored": pairs[k],
                 "reranker_seconds_estimated": pairs[k] / pairs_per_s if pairs_per_s else None,
             }
@@ -249,16 +260,25 @@ def run_eval(config: EvalConfig) -> EvalResult:
     first_ranking: Ranking = {q: [d for d, _ in first.get(q, [])] for q in qids}
     timing["first_stage_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    scores, summary = score_candidates(config, coll, first_ranking, report_dir / "_work", report_dir / "rerank_job")
-    timing["rerank_job_s"] = time.perf_counter() - t
-    shutil.rmtree(report_dir / "_work", ignore_errors=True)
-
     rankings: dict[str, Ranking] = {FIRST_STAGE: first_ranking}
-    pairs: dict[int, int] = {}
-    for k in config.k_values:
-        rankings[run_name(k)] = rerank_top_k(first_ranking, scores, k)
-        pairs[k] = sum(sum(1 for d in first_ranking[q][:k] if d in scores.get(q, {})) for q in qids)
+    pairs: dict[str, dict[int, int]] = {}
+    summaries: dict[str, Any] = {}
+    for spec in config.reranker_specs:
+        t = time.perf_counter()
+        scores, summaries[spec.name] = score_candidates(
+            config,
+            coll,
+            first_ranking,
+            report_dir / "_work",
+            report_dir / job_dir_name(config, spec.name),
+            model=spec.model,
+        )
+        timing[f"rerank_job_s.{spec.name}" if config.rerankers else "rerank_job_s"] = time.perf_counter() - t
+        pairs[spec.name] = {}
+        for k in config.k_values:
+            rankings[run_name(k, spec.name)] = rerank_top_k(first_ranking, scores, k)
+            pairs[spec.name][k] = sum(sum(1 for d in first_ranking[q][:k] if d in scores.get(q, {})) for q in qids)
+    shutil.rmtree(report_dir / "_work", ignore_errors=True)
 
     t = time.perf_counter()
     names = measure_names(config.n_grid, config.quality_measure, config.depth)
@@ -267,19 +287,25 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
     t = time.perf_counter()
     candidates = {d for docs in first_ranking.values() for d in docs}
-    tokenizer = config.cost.tokenizer or config.model.name_or_path
+    tokenizer = config.cost.tokenizer or config.reranker_specs[0].model.name_or_path
     doc_tokens = count_tokens({d: coll.corpus[d] for d in candidates}, tokenizer)
     tokens = {name: context_tokens(r, doc_tokens, qids, config.depth) for name, r in rankings.items()}
     timing["tokens_s"] = time.perf_counter() - t
 
-    rows = tradeoff(measures, tokens, pairs, config, summary.pairs_per_s)
+    rows = [
+        row
+        for spec in config.reranker_specs
+        for row in tradeoff(
+            measures, tokens, pairs[spec.name], config, summaries[spec.name].pairs_per_s, reranker=spec.name
+        )
+    ]
     timing["total_s"] = time.perf_counter() - started
     report = rep.build_report(
         config=config,
         coll=coll,
         qids=qids,
         fs_info=fs_info,
-        summary=summary,
+        summaries=summaries,
         measures=measures,
         tokens=tokens,
         pairs=pairs,

@@ -406,26 +406,32 @@ class RerankService:
         if bad is None:
             return
         where, n, limit = bad
-        what = "the query" if where < 0 else "the document"
+        if self.kind == "bi-encoder":
+            what = f"{'the query' if where < 0 else 'the document'} is {n} tokens"
+        elif where < 0:
+            what = f"the query would be cut: with a document it is {n} tokens"
+        else:
+            what = f"the query and this document are {n} tokens together"
         raise ApiError(
             413,
-            f"{what} is {n} tokens, more than the model's limit of {limit}; {hint}",
+            f"{what}, more than the model's limit of {limit}; {hint}",
             field=query_field if where < 0 else f"{field}[{where}]{suffix}",
             error_type="payload_too_large",
         )
 
     def _first_too_long(self, query: str, texts: list[str]) -> tuple[int, int, int] | None:
+        """(index, tokens, limit) of the first input the model would cut (index -1: the query), else None. Pair
+        models follow the Scorer's own rule (`Scorer.first_cut`): a pair that fits in max_length is never cut."""
         tok = self._check_tokenizer
+        if self.kind != "bi-encoder":
+            return self.scorer.first_cut(query, texts, tokenizer=tok)
         cfg = self.scorer.config
         q_len = len(tok(cfg.query_template.format(query=query), add_special_tokens=False)["input_ids"])
         if q_len > self.scorer.max_query_length:
             return -1, q_len, self.scorer.max_query_length
         passages = [cfg.passage_template.format(text=t) for t in texts]
         lengths = [len(x) for x in tok(passages, add_special_tokens=False)["input_ids"]]
-        if self.kind == "bi-encoder":
-            limit = self.scorer.max_length - tok.num_special_tokens_to_add(pair=False)
-        else:
-            limit = self.scorer.max_length - tok.num_special_tokens_to_add(pair=True) - q_len
+        limit = self.scorer.max_length - tok.num_special_tokens_to_add(pair=False)
         for i, n in enumerate(lengths):
             if n > limit:
                 return i, n, limit
