@@ -32,6 +32,17 @@ class StorageConfig(_Strict):
     secret_access_key: str | None = None
     session_token: str | None = None
     anon: bool = Field(False, description="Anonymous access to public buckets.")
+    retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries of one S3 request after a transient error (500, 503 SlowDown, connection reset, "
+        "timeout), with botocore's standard exponential backoff (random, up to 2^n s, at most 20 s).",
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to S3 before retrying.")
+    read_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds S3 may stay silent on an open request before it is retried."
+    )
 
 
 class ModelConfig(_Strict):
@@ -414,11 +425,14 @@ class ServeConfig(_Strict):
     )
     api_key: str | None = Field(
         None,
-        description="Bearer token clients must send (Authorization: Bearer ...). Prefer the environment variable "
-        "named by api_key_env, so the key stays out of config files.",
+        description="Deprecated: set the environment variable named by api_key_env instead. Accepted only by a "
+        "local `rerank serve` (which puts it in that variable before it starts Ray); a cluster or a Serve config "
+        "file refuses it, because it would be stored in Ray's metadata.",
     )
     api_key_env: str = Field(
-        "RERANK_API_KEY", description="Environment variable read for the API key when api_key is unset."
+        "RERANK_API_KEY",
+        description="Environment variable each replica reads the API key (Bearer token clients must send) from; "
+        "on a cluster set it from the secret store (e.g. a Kubernetes Secret). Unset or empty: no key.",
     )
     allow_unauthenticated: bool = Field(
         False, description="Allow a non-loopback host without an API key (e.g. behind an authenticating gateway)."
@@ -476,6 +490,20 @@ class ServeConfig(_Strict):
         "Retry-After (one request is always admitted into an idle replica, whatever its size).",
     )
     retry_after_s: int = Field(2, ge=0, description="Retry-After seconds sent with 503 (overload) responses.")
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="End-to-end limit of one HTTP request in Serve's proxy, waiting for a replica included; past "
+        "it the proxy answers 408. Raise it for requests of thousands of documents on CPU.",
+    )
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="How often Serve calls each replica's health check (a one-pair model probe)."
+    )
+    health_check_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A health check not answered within this is a failure; Serve replaces a replica that fails it.",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:

@@ -72,6 +72,7 @@ def connect(ray_config: RayConfig | None = None) -> bool:
         return False
     ray.init(
         address="local",
+        _node_ip_address="127.0.0.1",  # a Ray for this process only: nothing listens beyond loopback
         num_cpus=local_num_cpus(ray_config),
         include_dashboard=False,
         log_to_driver=True,

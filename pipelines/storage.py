@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.config import StorageConfig
-from pipelines.errors import InputError, OutputError
+from pipelines.errors import InputError, OutputError, RerankError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def _is_hidden(path: str, root: str) -> bool:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@contextmanager
+def _fails_as(error: type[RerankError], what: str, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Storage errors (after the S3 client's retries) -> one line naming the URI; RerankErrors and `keep` pass."""
+    try:
+        yield
+    except (RerankError, *keep):
+        raise
+    except Exception as err:  # noqa: BLE001 - botocore, aiohttp, OSError and pyarrow errors alike
+        raise error(f"{what}: {_short(err)}") from None
 
 
 @dataclass
@@ -175,7 +188,8 @@ class Storage:
 
     def read_json(self, path: str) -> Any:
         try:
-            return json.loads(self.fs.cat_file(path))
+            with _fails_as(OutputError, f"cannot read {self.uri(path)}", keep=(FileNotFoundError,)):
+                return json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
 
@@ -201,17 +215,19 @@ class Storage:
     def list_names(self, folder: str, suffix: str) -> list[str]:
         """Names (not paths) of the files directly in a folder that end in suffix; a missing folder is empty."""
         try:
-            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False) if p.endswith(suffix))
+            with _fails_as(OutputError, f"cannot list {self.uri(folder)}", keep=(FileNotFoundError,)):
+                return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False) if p.endswith(suffix))
         except FileNotFoundError:
             return []
 
     def parquet_files(self, folder: str) -> list[str]:
-        if not self.fs.exists(folder):
-            return []
-        return sorted(p for p in self.fs.find(folder) if p.endswith(".parquet") and not _is_hidden(p, folder))
+        with _fails_as(OutputError, f"cannot list {self.uri(folder)}"):
+            if not self.fs.exists(folder):
+                return []
+            return sorted(p for p in self.fs.find(folder) if p.endswith(".parquet") and not _is_hidden(p, folder))
 
     def read_column(self, path: str, column: str) -> pa.ChunkedArray:
-        with self.fs.open(path, "rb") as f:
+        with _fails_as(InputError, f"cannot read column {column!r} of {self.uri(path)}"), self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=[column]).column(column)
 
 
@@ -238,4 +254,12 @@ def s3_options(config: StorageConfig) -> dict[str, Any]:
         opts["client_kwargs"] = client
     # Listing right after a write must see the new objects; also avoids stale results between job stages.
     opts["use_listings_cache"] = False
+    # Transient errors are retried by botocore ("standard" mode: 500/502/503/504, throttling such as 503 SlowDown,
+    # connection resets and timeouts; random exponential backoff up to 20 s). s3fs retries on top of that, 5 times
+    # (not configurable per instance): SlowDown, resets and timeouts again, and errors while reading a body.
+    opts["config_kwargs"] = {
+        "retries": {"max_attempts": config.retries, "mode": "standard"},
+        "connect_timeout": config.connect_timeout_s,
+        "read_timeout": config.read_timeout_s,
+    }
     return opts

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tests.ports import free_port
+from tests.s3_faults import s3_fault_proxy  # noqa: F401 - the fixture, documented in tests/s3_faults.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,7 +41,14 @@ def ray_local():
     never starve the read tasks on a 2-core machine."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 

@@ -25,7 +25,7 @@ QUERIES, K_VALUES, N_GRID, N_BASE = 20, [5, 20], [1, 5, 10, 20], [5, 10]
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -26,7 +26,14 @@ def s3_ray(s3_server):
     """Ray starts after AWS_ENDPOINT_URL is set, as it would for a user, so its workers inherit it."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield s3_server
     ray.shutdown()
 
@@ -117,3 +124,37 @@ def test_missing_bucket_is_a_clear_error(s3_ray, tiny_cross_encoder):
     )
     with pytest.raises(InputError, match="no-such-bucket"):
         run_rerank(cfg)
+
+
+def test_whole_job_survives_transient_s3_faults(bucket, s3_ray, s3_fault_proxy, tiny_cross_encoder):
+    """Throttling, 500s and connection resets on listings, reads and writes (from the driver, the actors and
+    the reduce tasks alike) are retried: the job's output is that of a job without faults."""
+    pairs = make_pairs(num_queries=8, per_query=6, seed=9)
+    for i in range(2):
+        put_table(bucket, f"rerank-test/flaky-in/part-{i}.parquet", pairs.iloc[i::2])
+    cfg = validate_config(
+        RerankJobConfig,
+        {
+            "input": {"uri": "s3://rerank-test/flaky-in/"},
+            "output": {"uri": "s3://rerank-test/flaky-out", "top_n": 3},
+            "model": {"name_or_path": tiny_cross_encoder, "max_length": 96},
+            "scale": {"num_actors": 1, "num_cpus_per_actor": 0.5, "unit_rows": 10},
+            "storage": {"endpoint_url": s3_fault_proxy.endpoint},
+        },
+    )
+    faults = [
+        s3_fault_proxy.inject("slowdown", times=2, method="PUT"),
+        s3_fault_proxy.inject("internal", times=2, method="GET", path=r"flaky-in/part-1"),
+        s3_fault_proxy.inject("reset", times=2, method="GET", path=r"_work/partial"),
+        s3_fault_proxy.inject("slowdown", times=1, method="GET", path=r"list-type|prefix="),
+    ]
+    summary = run_rerank(cfg)
+    assert all(f.injected >= 1 for f in faults), [f.injected for f in faults]
+    out = read_table(bucket, "rerank-test/flaky-out")
+    scores = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96)).score(
+        pairs["query"].tolist(), pairs["text"].tolist()
+    )
+    ref = reference_top_n(pairs, scores, 3)
+    assert out[["query_id", "doc_id", "rank"]].values.tolist() == ref[["query_id", "doc_id", "rank"]].values.tolist()
+    assert summary.pairs_in == summary.pairs_scored == len(pairs)
+    s3_fault_proxy.clear()

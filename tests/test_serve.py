@@ -226,7 +226,14 @@ def service(model_path):
         },
     )
     os.environ.pop("RERANK_TEST_UNSET_KEY", None)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     try:
         start_service(config)
         url = f"http://127.0.0.1:{port}"

@@ -9,6 +9,11 @@ formats and score conventions live in ``pipelines.serve.api``.
 - On a cluster: ``serve deploy conf/serve_deploy.yaml`` / ``serve run conf/serve_deploy.yaml``; the Serve
   config file names the builder ``pipelines.serve:build_app`` and passes the config tree as ``args``.
 
+The API key never goes through Ray: each replica reads it from its own environment (``serve.api_key_env``,
+default ``RERANK_API_KEY``), which a cluster sets from its secret store and a local Ray inherits from
+``rerank serve``'s process. Faults: Serve restarts a lost replica; the proxy middleware in
+``pipelines.serve.proxy`` answers 503 + Retry-After for requests it was serving and for ``/health`` meanwhile.
+
 Ray Serve is imported lazily so that ``rerank --help`` stays fast.
 """
 
@@ -62,6 +67,12 @@ def build_app(args: dict[str, Any] | None = None):
     if isinstance(args, ServeAppConfig):  # from `rerank serve`, which checked serve.host already
         return build_app_from_config(args)
     config = load_serve_config(args)
+    if config.serve.api_key:
+        # The builder's args are the Serve config file's, which Ray stores and shows (`serve status`, dashboard).
+        raise ConfigError(
+            "serve.api_key in Serve application args would be stored in Ray's metadata: remove it and set "
+            f"{config.serve.api_key_env} in the replicas' environment from your secret store (e.g. a Kubernetes Secret)"
+        )
     # From a Serve config file: the proxy's host is http_options', unknown here.
     if not resolve_api_key(config) and not config.serve.allow_unauthenticated:
         log.warning(
@@ -88,8 +99,29 @@ def check_exposure(config: ServeAppConfig) -> None:
     if not _is_loopback(s.host) and not resolve_api_key(config) and not s.allow_unauthenticated:
         raise ConfigError(
             f"serve.host={s.host} would expose the service without an API key: set {s.api_key_env} in the "
-            "environment (or serve.api_key), or serve.allow_unauthenticated: true if a gateway authenticates"
+            "environment, or serve.allow_unauthenticated: true if a gateway authenticates"
         )
+
+
+def prepare_local_environment(config: ServeAppConfig) -> None:
+    """Before a local Ray starts (its processes inherit this process's environment): put a deprecated
+    serve.api_key into the variable the replicas read, and load the proxy middleware that answers 503 for lost
+    replicas (``pipelines.serve.proxy``) unless the user named another callback."""
+    from pipelines.serve.proxy import CALLBACK, CALLBACK_ENV, RETRY_AFTER_ENV
+
+    s = config.serve
+    joining = bool(os.environ.get("RAY_ADDRESS", "").strip())  # the cluster's processes are already running
+    if s.api_key:
+        if joining:
+            raise ConfigError(
+                "serve.api_key cannot reach the replicas of a cluster without being stored in Ray's metadata: "
+                f"remove it and set {s.api_key_env} in the cluster's environment from your secret store"
+            )
+        log.warning("serve.api_key in a config file is deprecated: set %s in the environment instead", s.api_key_env)
+        os.environ[s.api_key_env] = s.api_key
+    if not joining:
+        os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+        os.environ.setdefault(RETRY_AFTER_ENV, str(s.retry_after_s))
 
 
 def start_service(config: ServeAppConfig):
@@ -98,7 +130,7 @@ def start_service(config: ServeAppConfig):
     from ray import serve
 
     s = config.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
     try:
         return serve.run(build_app(config), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     except RuntimeError as err:
@@ -131,6 +163,14 @@ def stop_service(config: ServeAppConfig, *, whole_serve: bool) -> None:
         serve.delete(config.serve.app_name)
 
 
+def _replica_auth(handle: Any) -> bool:
+    """Whether a replica enforces an API key (its own environment decides, not this process's)."""
+    try:
+        return bool(handle.stats.remote().result(timeout_s=30)["auth"])
+    except Exception:  # noqa: BLE001 - only for the start-up line
+        return False
+
+
 def _metrics_url() -> str | None:
     """Where this node's Ray metrics agent exports Prometheus text (private Ray API, so best effort)."""
     try:
@@ -154,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
+    prepare_local_environment(config)
     # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
     owns_ray = False
     # Explicit handlers: a process started in the background inherits an ignored SIGINT.
@@ -161,10 +202,10 @@ def _run(args: argparse.Namespace) -> int:
     started = False
     try:
         owns_ray = connect(config.ray)
-        start_service(config)
+        handle = start_service(config)
         started = True
         s = config.serve
-        auth = "API key required" if config.serve.api_key or os.environ.get(s.api_key_env) else "no API key"
+        auth = "API key required" if _replica_auth(handle) else "no API key"
         prefix = s.route_prefix.rstrip("/")
         log.info("rerank service ready at http://%s:%d%s (%s); Ctrl-C stops it", s.host, s.port, prefix, auth)
         print(f"rerank: serving on http://{s.host}:{s.port}{prefix} ({auth}); Ctrl-C stops it", flush=True)

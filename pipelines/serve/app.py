@@ -83,7 +83,10 @@ async def _auth_and_metrics(request: Request, call_next):
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     api = _APIS.get(path.rstrip("/") or "/", "other")
-    key = getattr(state, "api_key", None)
+    # The key is looked up in this process's environment on each request, never kept on the app: the FastAPI app
+    # is pickled with the deployment class (by value), so anything on app.state could travel through Ray.
+    key_env = getattr(state, "api_key_env", None)
+    key = os.environ.get(key_env) if key_env else None
     if key and api != "health" and not _authorized(request.headers.get("authorization"), key):
         response = JSONResponse(
             ApiError(
@@ -179,7 +182,21 @@ def model_display_name(config: ServeAppConfig) -> str:
 
 
 def resolve_api_key(config: ServeAppConfig) -> str | None:
+    """The key as this process sees it (the driver's view: config, then environment). Replicas never get it from
+    the driver: each reads its own environment (``replica_api_key``)."""
     return config.serve.api_key or os.environ.get(config.serve.api_key_env) or None
+
+
+def replica_api_key(config: ServeAppConfig) -> str | None:
+    """The key a replica enforces: the variable named by serve.api_key_env in the replica's own environment, set
+    by the cluster from its secret store (or inherited from `rerank serve`'s environment on a local Ray). Read
+    where it is used; never stored on the app or the deployment."""
+    return os.environ.get(config.serve.api_key_env) or None
+
+
+# One short pair: the health check's model probe.
+_PROBE_QUERY = "health check"
+_PROBE_TEXT = "a short passage to check that the model still scores"
 
 
 @serve.deployment(name="Reranker")
@@ -187,7 +204,7 @@ def resolve_api_key(config: ServeAppConfig) -> str | None:
 class RerankService:
     """One replica: the model, its batch queue and the HTTP routes."""
 
-    def __init__(self, config: dict[str, Any], api_key: str | None = None):
+    def __init__(self, config: dict[str, Any]):
         import torch
 
         from pipelines.scoring import Scorer, default_threads
@@ -215,7 +232,13 @@ class RerankService:
         logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
         self._score_chunks.set_max_batch_size(s.max_batch_pairs)
         self._score_chunks.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-        app.state.api_key = api_key or os.environ.get(s.api_key_env) or None
+        # The key is read from this replica's environment by the auth middleware: it never travels through Ray
+        # (constructor arguments, runtime_env, the Serve config and the pickled app are all stored by Ray).
+        app.state.api_key_env = s.api_key_env  # the variable's name only
+        self._busy_since: float | None = None  # start of the model call in progress
+        self._last_ok = time.monotonic()  # end of the last model call that succeeded
+        self._model_failed = False  # a model call raised since the last good health check
+        self._unhealthy: str | None = None  # why the last health check failed
         app.state.metrics = _Metrics.create()
         log.info(
             "rerank replica ready: model %s (%s, %s), batches of up to %d pairs",
@@ -228,8 +251,13 @@ class RerankService:
     # ------------------------------------------------------------------ routes
 
     @app.get("/health")
-    async def health(self) -> dict[str, Any]:
-        """200 once the model is loaded: Serve routes nothing to a replica before its constructor finished."""
+    async def health(self) -> Any:
+        """200 once the model is loaded (Serve routes nothing to a replica before its constructor finished), 503
+        while this replica's last health check failed. With no replica at all, the proxy answers 503
+        (``pipelines.serve.proxy``)."""
+        if self._unhealthy:
+            body = {"status": "unhealthy", "model": self.model_name, "message": self._unhealthy}
+            return JSONResponse(body, status_code=503, headers=_retry_after(self.config.serve.retry_after_s))
         return {"status": "ok", "model": self.model_name}
 
     @app.get("/v1/models")
@@ -281,8 +309,40 @@ class RerankService:
     # ------------------------------------------------------------------ handle-only
 
     def stats(self) -> dict[str, int]:
-        """Counters of this replica (through a DeploymentHandle): requests, batches, pairs, largest batch."""
-        return dict(self._stats, pending_pairs=self._pending_pairs)
+        """Counters of this replica (through a DeploymentHandle): requests, batches, pairs, largest batch; also
+        its process id and whether it enforces an API key."""
+        return dict(
+            self._stats,
+            pending_pairs=self._pending_pairs,
+            pid=os.getpid(),
+            auth=int(bool(replica_api_key(self.config))),
+        )
+
+    async def check_health(self) -> None:
+        """Called by Serve every serve.health_check_period_s; raising marks this replica unhealthy and Serve
+        replaces it. Healthy: a model call succeeded within the last period, or a one-pair probe of the model
+        passes (finite scores). A model call running longer than serve.request_timeout_s counts as hung."""
+        s = self.config.serve
+        now = time.monotonic()
+        if self._busy_since is not None:
+            if now - self._busy_since > s.request_timeout_s:
+                self._unhealthy = f"a model call has been running for {now - self._busy_since:.0f} s"
+                raise RuntimeError(self._unhealthy)
+            return
+        if not self._model_failed and now - self._last_ok < s.health_check_period_s:
+            self._unhealthy = None
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(self._model_pool, self._model_outputs, [_PROBE_QUERY], [_PROBE_TEXT])
+            if not np.all(np.isfinite(out)):
+                raise ValueError(f"the model returned {out.ravel().tolist()} for a probe pair")
+        except Exception as err:  # noqa: BLE001 - whatever broke the model makes this replica unhealthy
+            self._unhealthy = f"model probe failed: {type(err).__name__}: {err}"
+            raise RuntimeError(self._unhealthy) from None
+        self._unhealthy = None
+        self._model_failed = False
+        self._last_ok = time.monotonic()
 
     # ------------------------------------------------------------------ internals
 
@@ -382,7 +442,15 @@ class RerankService:
         passages = [t for c in chunks for t in c.texts]
         loop = asyncio.get_running_loop()
         # Cross-encoders hand back their logits, so each API can take the raw score or the probability.
-        scores = await loop.run_in_executor(self._model_pool, self._model_outputs, queries, passages)
+        self._busy_since = time.monotonic()
+        try:
+            scores = await loop.run_in_executor(self._model_pool, self._model_outputs, queries, passages)
+        except Exception:
+            self._model_failed = True  # the next health check probes the model
+            raise
+        finally:
+            self._busy_since = None
+        self._last_ok = time.monotonic()
         n_requests = len({c.request_id for c in chunks})
         st = self._stats
         st["batches"] += 1
@@ -422,8 +490,8 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-        # Model loading can take minutes on a cold node; don't let Serve give up on a replica before that.
-        "health_check_timeout_s": 60,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
     }
     if s.autoscaling is not None:
         a = s.autoscaling
@@ -444,6 +512,7 @@ def build_app_from_config(config: ServeAppConfig):
     return RerankService.options(**deployment_options(config)).bind(*replica_init_args(config))
 
 
-def replica_init_args(config: ServeAppConfig) -> tuple[dict[str, Any], str | None]:
-    """What each replica is constructed with: the config as set (so it validates again unchanged), the API key."""
-    return config.model_dump(mode="json", exclude_unset=True), resolve_api_key(config)
+def replica_init_args(config: ServeAppConfig) -> tuple[dict[str, Any]]:
+    """What each replica is constructed with (Ray stores it): the config as set, so it validates again unchanged,
+    without serve.api_key. The key is read by each replica from its own environment."""
+    return (config.model_dump(mode="json", exclude_unset=True, exclude={"serve": {"api_key"}}),)

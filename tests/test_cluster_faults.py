@@ -1,0 +1,111 @@
+"""A worker node removed mid-job on a multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`: a head
+and two workers, each worker with a custom resource standing in for a GPU, so the scoring actors land on the
+workers only). The job must finish with the output of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import ModelConfig, validate_config
+from pipelines.scoring import Scorer
+from tests.datasets import make_pairs, read_output, reference_top_n, write_flat
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+TOP_N = 3
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """Head (the driver's node, no accelerator) + two workers with {"accel": 1}, all on 127.0.0.1, in a private
+    Ray temp folder."""
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    # ray.init() would otherwise swap 127.0.0.1 for the machine's outward address when it connects.
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+
+    tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    workers = [c.add_node(num_cpus=2, resources={"accel": 1}, node_ip_address="127.0.0.1") for _ in range(2)]
+    ray.init(address=c.address)
+    try:
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def test_worker_node_removed_mid_job(cluster, tmp_path, tiny_cross_encoder):
+    import ray
+
+    from pipelines.batch import run_rerank
+    from pipelines.config import RerankJobConfig
+
+    c, workers = cluster
+    pairs = make_pairs(num_queries=60, per_query=9, seed=7)
+    src = write_flat(pairs, tmp_path / "in", files=3)
+    config = validate_config(
+        RerankJobConfig,
+        {
+            "input": {"uri": str(src)},
+            "output": {"uri": str(tmp_path / "out"), "top_n": TOP_N},
+            "model": {"name_or_path": tiny_cross_encoder, "max_length": 96, "batch_size": 8},
+            "scale": {"num_actors": 2, "num_cpus_per_actor": 1, "unit_rows": 4, "actor_resources": {"accel": 1}},
+        },
+    )
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = run_rerank(config)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            result["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    done = Path(tmp_path / "out" / "_work" / "done")
+    removed = False
+    deadline = time.monotonic() + 240
+    while thread.is_alive() and time.monotonic() < deadline:
+        if done.exists() and len(list(done.glob("*.json"))) >= 5:
+            c.remove_node(workers[0], allow_graceful=False)
+            removed = True
+            break
+        time.sleep(0.02)
+    thread.join(timeout=400)
+    assert removed, "the job ended before a node could be removed"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.units_retried >= 1
+    assert summary.pairs_in == summary.pairs_scored == len(pairs)
+    head = ray.get_runtime_context().get_node_id()
+    assert head not in {n["NodeID"] for n in ray.nodes() if n["Resources"].get("accel")}
+
+    scores = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96)).score(
+        pairs["query"].tolist(), pairs["text"].tolist()
+    )
+    got, ref = read_output(tmp_path / "out"), reference_top_n(pairs, scores, TOP_N)
+    cols = ["query_id", "doc_id", "rank", "first_stage_rank"]
+    pd.testing.assert_frame_equal(got[cols], ref[cols], check_dtype=False)
+    np.testing.assert_allclose(got["score"], ref["score"], atol=1e-4)
