@@ -28,7 +28,7 @@ COPY --chown=ray:users pipelines/ pipelines/
 COPY --chown=ray:users jobs/ jobs/
 COPY --chown=ray:users conf/ conf/
 # ray is pinned to the image's own version, so pip never replaces the Ray the image was built around.
-RUN pip install --no-cache-dir . "ray[data,serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
+RUN pip install --no-cache-dir ".[cpu-backends]" "ray[data,serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
     && python -c "import ray, torch, pipelines.cli; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 
 # Models come from the hub at run time (HF_HOME on a volume keeps them across restarts) or from a mounted folder.
