@@ -9,7 +9,7 @@ under a fresh 1-logit head, i.e. a real-size cross-encoder whose scores mean not
 - the machine's matmul FLOP/s (float32, bfloat16, int8 where it has them) and the model's FLOPs per pair at the
   actual token counts, so each row gets a fraction of the roofline (on CUDA: the model FLOP utilisation);
 - a plain loop (batches of 32 in input order, float32 torch), sentence-transformers `CrossEncoder.predict`, the
-  in-process Scorer with each backend/dtype, and the Ray Data job end to end (`run_rerank`), each with pairs/s,
+  in-process Scorer with each backend/dtype, and the Ray job end to end (`run_rerank`), each with pairs/s,
   ratio to the plain loop, padding fraction and drift against float32 torch (max |diff|, Spearman per query,
   top-10 overlap per query).
 Figures, not asserts: quote ratios from one run on one machine. Exports/quantisation are built before timing.
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument(
         "--ray-backends",
         default="torch:float32,fastest",
-        help="backend:dtype list for the Ray Data job; 'fastest' = the fastest in-process backend; '' skips Ray",
+        help="backend:dtype list for the Ray job; 'fastest' = the fastest in-process backend; '' skips Ray",
     )
     ap.add_argument("--ray-config", default="", help="comma-separated key=value overrides for every Ray job")
     ap.add_argument("--sweep-tokens", default="", help="extra in-process torch rows at these model.max_batch_tokens")
@@ -296,8 +296,7 @@ def main() -> None:
     probe = Scorer(ModelConfig(name_or_path=model, kind=args.kind, max_length=args.max_length))
     hf_config = probe.backend.hf_config
     if args.kind == "cross-encoder":
-        enc = probe._encode_pairs(queries, passages)
-        TOKEN_LENGTHS = np.asarray([len(x) for x in enc["input_ids"]])
+        TOKEN_LENGTHS = np.asarray([len(x) for x in probe._encode(queries, passages).input_ids])
         flops_pair = float(np.mean([flops_per_sequence(hf_config, int(n)) for n in TOKEN_LENGTHS]))
     else:
         enc = probe._encode_texts(passages, probe.max_length)
@@ -400,7 +399,7 @@ def main() -> None:
             overrides += [o for o in args.ray_config.split(",") if o]
             summary, top = ray_job(work, model, args.kind, args.max_length, overrides, spec.replace(":", "-"))
             row = add(
-                f"Ray Data job end to end, {backend} {dtype} ({summary.scale.get('min_actors')} actor(s))",
+                f"Ray job end to end, {backend} {dtype} ({summary.scale.get('min_actors')} actor(s))",
                 summary.pairs_scored,
                 summary.wall_time_s,
                 in_process.get(spec, {}).get("padding_fraction"),
