@@ -405,7 +405,6 @@ def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storag
 def plan_units(storage: Storage, files: list[str], layout: InputLayout, unit_rows: int) -> tuple[list[Unit], int]:
     """Cut every file into units of about unit_rows pairs (packed rows count their mean candidates); returns the
     units and the input's row count. Zero-row files give no unit."""
-    import pyarrow.parquet as pq
 
     def rows_and_weight(path: str) -> tuple[int, float]:
         with storage.fs.open(path, "rb") as f:
