@@ -33,6 +33,8 @@ from pipelines.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
+#: Bumped when what an export contains changes (2: the head-only last layer), so older cached files are not reused.
+EXPORT_FORMAT = "2"
 #: Exports and quantisations done by this process, by artifact kind: tests assert a second load reuses the cache.
 EXPORTS: Counter[str] = Counter()
 #: Pairs of (query, passage) used to calibrate OpenVINO's static int8 quantisation (from the bundled Cranfield).
@@ -162,11 +164,105 @@ class Backend:
     name = "base"
     hf_config: Any
     uses_token_type_ids: bool
+    #: The last layer runs for the first token only (see _HeadOnlyLastLayer).
+    head_only: bool = False
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None
     ) -> np.ndarray:
         raise NotImplementedError
+
+
+#: Encoders whose sequence-classification head reads the first token only, and whose layers are BERT's
+#: (attention.self.query/key/value, attention.output, intermediate, output). Their last layer can be computed for
+#: that token alone.
+HEAD_ONLY_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+
+
+class _HeadOnlyLastLayer(torch.nn.Module):
+    """A BERT-family encoder's last layer, computed for the first token only: all that a first-token
+    classification head (BERT's pooler, RoBERTa/XLM-R/ELECTRA's classifier) reads. Keys and values still come from
+    every token; the query projection, the attention output, the feed-forward block and both layer norms run
+    for one position instead of all of them, which saves 10/12 of a layer's matmul FLOPs (about 14% of a
+    6-layer model). The same arithmetic on the same inputs, so scores match the full layer to float rounding;
+    `head_only_last_layer` checks that on a probe batch before using it."""
+
+    def __init__(self, layer: torch.nn.Module, returns_tuple: bool):
+        super().__init__()
+        self.layer, self.returns_tuple = layer, returns_tuple
+        self.mask: torch.Tensor | None = None  # [n, L] attention mask of the current call, set by _Features
+
+    def forward(self, hidden_states, *args, **kwargs):
+        layer = self.layer
+        attn = layer.attention.self
+        n, length, _ = hidden_states.shape
+        heads, size = attn.num_attention_heads, attn.attention_head_size
+        first = hidden_states[:, :1]
+        q = attn.query(first).view(n, 1, heads, size).transpose(1, 2)
+        k = attn.key(hidden_states).view(n, length, heads, size).transpose(1, 2)
+        v = attn.value(hidden_states).view(n, length, heads, size).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (size**-0.5)
+        if self.mask is not None:
+            scores = scores.masked_fill(self.mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        context = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        context = context.transpose(1, 2).reshape(n, 1, heads * size)
+        attended = layer.attention.output(context, first)
+        out = layer.output(layer.intermediate(attended), attended)
+        return (out,) if self.returns_tuple else out
+
+
+def _encoder_layers(model: torch.nn.Module):
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def head_only_last_layer(features: "_Features") -> bool:
+    """Swap a cross-encoder's last encoder layer for `_HeadOnlyLastLayer` where the architecture allows it and a
+    probe batch (two pairs, one padded) scores the same as the full model; return whether it was swapped.
+    Anything else (other architectures, relative positions, a transformers version whose layers differ) keeps
+    the full model."""
+    model = features.model
+    cfg = getattr(model, "config", None)
+    layers = _encoder_layers(model)
+    if (
+        features.kind != "cross-encoder"
+        or layers is None
+        or getattr(cfg, "model_type", None) not in HEAD_ONLY_MODEL_TYPES
+        or getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute")
+        or getattr(cfg, "is_decoder", False)
+        or not all(hasattr(layers[-1], a) for a in ("attention", "intermediate", "output"))
+    ):
+        return False
+    last = layers[-1]
+    device = next(model.parameters()).device
+    vocab = int(getattr(cfg, "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(5, vocab - 1), min(vocab, 2000), (2, 12), generator=gen, dtype=torch.int32)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    ids, mask = ids.to(device), mask.to(device)
+    tt = torch.zeros_like(ids) if getattr(cfg, "type_vocab_size", 0) > 0 else None
+    kinds: list[bool] = []
+    hook = last.register_forward_hook(lambda _m, _i, out: kinds.append(isinstance(out, tuple)))
+    try:
+        with torch.inference_mode():
+            ref = features(ids, mask, tt).float()
+        hook.remove()
+        layers[-1] = _HeadOnlyLastLayer(last, returns_tuple=bool(kinds and kinds[0]))
+        with torch.inference_mode():
+            got = features(ids, mask, tt).float()
+        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        ok = got.shape == ref.shape and bool(((got - ref).abs() <= tol * (1 + ref.abs())).all())
+    except Exception as err:  # noqa: BLE001 - any incompatibility means: keep the full layer
+        log.info("head-only last layer not usable for %s: %s", type(model).__name__, err)
+        ok = False
+    finally:
+        hook.remove()
+    if not ok:
+        layers[-1] = last
+        log.info("head-only last layer does not match the full layer for %s; using the full model", type(model).__name__)
+    return ok
 
 
 class _Features(torch.nn.Module):
@@ -177,6 +273,9 @@ class _Features(torch.nn.Module):
         self.model, self.kind = model, kind
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
+        layers = _encoder_layers(self.model)
+        if layers is not None and isinstance(layers[-1], _HeadOnlyLastLayer):
+            layers[-1].mask = attention_mask
         kwargs = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long()}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids.long()
@@ -226,6 +325,8 @@ class TorchBackend(Backend):
         gpu_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
         weights = gpu_dtype if (device.type == "cuda" and gpu_dtype is not None) else torch.float32
         self.model = _Features(load_hf_model(config, "sdpa", weights), config.kind).to(device).eval()
+        #: The last layer runs for the first token only (cross-encoders of the BERT family; see _HeadOnlyLastLayer).
+        self.head_only = head_only_last_layer(self.model)
         self.hf_config = self.model.model.config
         self.uses_token_type_ids = _uses_token_type_ids(tokenizer, self.hf_config)
         self.autocast = device.type == "cpu" and config.dtype == "bfloat16"
@@ -255,7 +356,7 @@ def artifact_dir(config: ModelConfig, fingerprint: str, what: str, **extra: Any)
     model, revision, kind, export setting or converter version never reuses an old file."""
     import transformers
 
-    parts = [fingerprint, config.kind, f"opset{ONNX_OPSET}", torch.__version__, transformers.__version__]
+    parts = [fingerprint, config.kind, f"opset{ONNX_OPSET}", EXPORT_FORMAT, torch.__version__, transformers.__version__]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.name_or_path.rstrip("/").rsplit("/", 1)[-1])[:60] or "model"
     if extra:
@@ -303,6 +404,7 @@ def export_onnx(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
 
     def build(tmp: Path) -> None:
         model = _Features(load_hf_model(config, "eager"), config.kind).eval()
+        (tmp / "HEAD_ONLY").write_text(str(head_only_last_layer(model)))
         names = _input_names(uses_tt)
         example = tuple(torch.ones((2, 8), dtype=torch.int32) for _ in names)
         axes = {n: {0: "batch", 1: "sequence"} for n in names}
@@ -321,6 +423,12 @@ def export_onnx(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
             )
 
     return cached(artifact_dir(config, fingerprint, "onnx-float32", tt=uses_tt), build, "onnx-float32") / "model.onnx"
+
+
+def export_is_head_only(onnx_path: Path) -> bool:
+    """Whether an ONNX export (and so what is quantised or converted from it) has the head-only last layer."""
+    marker = onnx_path.parent / "HEAD_ONLY"
+    return marker.is_file() and marker.read_text().strip() == "True"
 
 
 def quantize_onnx_int8(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
@@ -441,6 +549,7 @@ class OnnxBackend(Backend):
         path = (quantize_onnx_int8 if config.dtype == "int8" else export_onnx)(
             config, fingerprint, self.uses_token_type_ids
         )
+        self.head_only = export_is_head_only(export_onnx(config, fingerprint, self.uses_token_type_ids))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = _threads(config)
         opts.inter_op_num_threads = 1
@@ -466,6 +575,7 @@ class OpenVinoBackend(Backend):
         self.hf_config = _hf_config(config)
         self.uses_token_type_ids = _uses_token_type_ids(tokenizer, self.hf_config)
         path = export_openvino(config, fingerprint, self.uses_token_type_ids, config.dtype, tokenizer, max_length)
+        self.head_only = export_is_head_only(export_onnx(config, fingerprint, self.uses_token_type_ids))
         precision = {"bfloat16": "bf16", "float16": "f16"}.get(config.dtype, "f32")
         props = {"INFERENCE_NUM_THREADS": _threads(config), "INFERENCE_PRECISION_HINT": precision}
         core = ov.Core()

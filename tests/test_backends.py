@@ -61,6 +61,39 @@ def test_two_label_and_bi_encoder_backends(tiny_cross_encoder_2labels, tiny_bi_e
             np.testing.assert_allclose(other.embed(PASSAGES), base.embed(PASSAGES), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch,extra,head_only", [
+    ("bert", {}, True),
+    ("roberta", {}, True),
+    ("xlm-roberta", {}, True),
+    ("electra", {}, True),
+    ("bert", {"position_embedding_type": "relative_key"}, False),  # relative positions: the full layer stays
+])
+def test_last_layer_for_the_first_token_scores_like_the_full_model(tmp_path, arch, extra, head_only):
+    """The torch backend computes a cross-encoder's last layer for the first token only (all its head reads);
+    scores, padded batches of mixed lengths included, equal the unmodified Hugging Face model's."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests import tiny_models
+
+    path = str(tiny_models.build_encoder_classifier(tmp_path / arch, arch, **extra))
+    scorer = Scorer(ModelConfig(name_or_path=path, max_length=128, max_batch_tokens=600))
+    assert scorer.backend.head_only is head_only
+    got = scorer.score(QUERIES, PASSAGES)
+    tok = AutoTokenizer.from_pretrained(path)
+    full = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+    enc = tok(QUERIES, PASSAGES, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    if full.config.type_vocab_size < 2:
+        enc.pop("token_type_ids", None)
+    with torch.inference_mode():
+        ref = full(**enc).logits[:, 0].numpy()
+    assert np.ptp(ref) > 0.5  # the scores differ enough for a wrong layer to show
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_last_layer_is_whole_for_bi_encoders(tiny_bi_encoder):
+    assert Scorer(ModelConfig(name_or_path=tiny_bi_encoder, kind="bi-encoder")).backend.head_only is False
+
+
 def test_export_happens_once_and_is_reused(tiny_cross_encoder, tmp_path):
     cfg = ModelConfig(
         name_or_path=tiny_cross_encoder, max_length=128, backend="onnx", dtype="int8", cache_dir=str(tmp_path)

@@ -54,6 +54,26 @@ def build_cross_encoder(path: str | Path, num_labels: int = 1, seed: int = 0) ->
     return path
 
 
+def build_encoder_classifier(path: str | Path, arch: str, seed: int = 0, **extra) -> Path:
+    """A tiny sequence classifier of another encoder family (roberta, xlm-roberta, electra; bert with `extra`
+    config keys such as position_embedding_type), with the tiny BERT tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(path)
+    _write_tokenizer(path)
+    base = _bert_config(**extra).to_dict()
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "initializer_range", *extra)
+    kwargs = {k: base[k] for k in keep} | {"num_labels": 1}
+    if arch != "bert":
+        kwargs.update(pad_token_id=0, max_position_embeddings=140)  # roberta positions start after the pad id
+    if arch == "electra":
+        kwargs["embedding_size"] = 32
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(AutoConfig.for_model(arch, **kwargs)).save_pretrained(path)
+    return path
+
+
 def build_bi_encoder(path: str | Path, seed: int = 0) -> Path:
     """A tiny BertModel used as an embedding model (mean pooling)."""
     from transformers import BertModel
