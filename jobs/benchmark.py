@@ -125,6 +125,16 @@ def flops_per_sequence(hf_config, length: int) -> float:
     return layers * per_layer + 2 * h * h * 1  # + the pooler/head on one token
 
 
+def flops_head_only(hf_config, length: int) -> float:
+    """flops_per_sequence less what the head-only last layer skips (pipelines.backends._HeadOnlyLastLayer): the
+    query projection, attention output and feed-forward block for all tokens but the first, and all attention
+    rows but one."""
+    h = hf_config.hidden_size
+    i = getattr(hf_config, "intermediate_size", 4 * h)
+    skipped = (length - 1) * 2 * (2 * h * h + 2 * h * i) + 4 * (length - 1) * length * h
+    return flops_per_sequence(hf_config, length) - skipped
+
+
 # ---------------------------------------------------------------------------------------------- measurements
 
 
@@ -253,7 +263,7 @@ def main() -> None:
     ap.add_argument("--kind", default="cross-encoder", choices=["cross-encoder", "bi-encoder"])
     ap.add_argument("--pairs", type=int, default=2000, help="Cranfield BM25 pairs (225 queries x up to 100)")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--chunk", type=int, default=1024, help="pairs per Scorer.score call (the batch job's sub-batch)")
+    ap.add_argument("--chunk", type=int, default=4096, help="pairs per Scorer.score call (scale.batch_rows of the job)")
     ap.add_argument("--backends", default=ALL_BACKENDS, help="backend:dtype list for the in-process Scorer")
     ap.add_argument(
         "--ray-backends",
@@ -298,10 +308,12 @@ def main() -> None:
     if args.kind == "cross-encoder":
         TOKEN_LENGTHS = np.asarray([len(x) for x in probe._encode(queries, passages).input_ids])
         flops_pair = float(np.mean([flops_per_sequence(hf_config, int(n)) for n in TOKEN_LENGTHS]))
+        flops_pair_head_only = float(np.mean([flops_head_only(hf_config, int(n)) for n in TOKEN_LENGTHS]))
     else:
         enc = probe._encode_texts(passages, probe.max_length)
         TOKEN_LENGTHS = np.asarray([len(x) for x in enc["input_ids"]])
         flops_pair = float(np.mean([flops_per_sequence(hf_config, int(n)) for n in TOKEN_LENGTHS]))
+        flops_pair_head_only = flops_pair
     del probe
     peaks = {d: matmul_flops(DEVICE, d) for d in ("float32", "bfloat16", "int8")}
     if DEVICE.type == "cuda":
@@ -318,7 +330,8 @@ def main() -> None:
     }
     print(
         f"{table.num_rows} pairs ({len(set(qids.tolist()))} queries), model {model}, kind {args.kind}, max_length "
-        f"{args.max_length}, mean {TOKEN_LENGTHS.mean():.0f} tokens/pair, {flops_pair / 1e9:.2f} GFLOP/pair; "
+        f"{args.max_length}, mean {TOKEN_LENGTHS.mean():.0f} tokens/pair, {flops_pair / 1e9:.2f} GFLOP/pair "
+        f"({flops_pair_head_only / 1e9:.2f} with the head-only last layer); "
         f"{machine['device']}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     )
     print(
@@ -330,16 +343,20 @@ def main() -> None:
     rows: list[dict] = []
     ref: np.ndarray | None = None
 
-    def add(label: str, n: int, elapsed: float, pad: float | None, scores, precision: str, **extra) -> dict:
+    def add(
+        label: str, n: int, elapsed: float, pad: float | None, scores, precision: str, head_only=False, **extra
+    ) -> dict:
         rate = n / elapsed
         # The roofline of the precision computed; where that is slower than float32 (emulated bfloat16), float32's.
         peak = max(peaks.get(precision) or 0, peaks["float32"] or 0)
+        executed = flops_pair_head_only if head_only else flops_pair  # the FLOPs this row's model really runs
         row = {
             "label": label,
             "pairs": n,
             "seconds": round(elapsed, 2),
             "pairs_per_s": rate,
-            "roofline_fraction": rate * flops_pair / peak if peak else None,
+            "head_only_last_layer": bool(head_only),
+            "roofline_fraction": rate * executed / peak if peak else None,
             "padding_fraction": pad,
             "precision": precision,
             **extra,
@@ -354,9 +371,13 @@ def main() -> None:
         return row
 
     # The reference: the in-process Scorer with float32 torch (its scores are the drift baseline).
-    scores, elapsed, pad, _ = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk)
+    scores, elapsed, pad, ref_scorer = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk)
     ref = scores
-    ref_row = add("Scorer torch float32", len(queries), elapsed, pad, scores, "float32", backend="torch:float32")
+    ref_head = ref_scorer.backend.head_only
+    del ref_scorer
+    ref_row = add(
+        "Scorer torch float32", len(queries), elapsed, pad, scores, "float32", ref_head, backend="torch:float32"
+    )
     if args.kind == "cross-encoder" and "plain" not in args.skip:
         s, e, p = plain_loop(model, queries, passages, args.max_length)
         add("plain loop (batch 32, input order, float32 torch)", len(queries), e, p, s, "float32", baseline=True)
@@ -379,13 +400,15 @@ def main() -> None:
         s, e, p, scorer = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk, **kw)
         precision = dtype if dtype == "int8" else getattr(scorer.backend, "precision", dtype)
         label = f"Scorer {backend} {dtype}" + (f" (computes {precision})" if precision != dtype else "")
-        in_process[spec] = add(label, len(queries), e, p, s, precision, backend=spec, warnings=warnings)
+        in_process[spec] = add(
+            label, len(queries), e, p, s, precision, scorer.backend.head_only, backend=spec, warnings=warnings
+        )
 
     for budget in [int(x) for x in args.sweep_tokens.split(",") if x]:
         s, e, p, _ = scorer_run(
             model, args.kind, queries, passages, args.max_length, args.chunk, max_batch_tokens=budget
         )
-        add(f"Scorer torch float32, max_batch_tokens {budget}", len(queries), e, p, s, "float32", sweep=budget)
+        add(f"Scorer torch float32, max_batch_tokens {budget}", len(queries), e, p, s, "float32", ref_head, sweep=budget)
 
     ray_specs = [x for x in args.ray_backends.split(",") if x]
     if ray_specs:
@@ -405,6 +428,7 @@ def main() -> None:
                 in_process.get(spec, {}).get("padding_fraction"),
                 None,
                 in_process.get(spec, {}).get("precision", dtype),
+                in_process.get(spec, {}).get("head_only_last_layer", False),
                 backend=spec,
                 ray=True,
             )
@@ -441,6 +465,7 @@ def main() -> None:
         "max_length": args.max_length,
         "mean_tokens_per_pair": float(TOKEN_LENGTHS.mean()),
         "model_flops_per_pair": flops_pair,
+        "model_flops_per_pair_head_only": flops_pair_head_only,
         "machine": machine,
         "rows": rows,
     }

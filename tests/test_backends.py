@@ -120,6 +120,18 @@ def test_export_happens_once_and_is_reused(tiny_cross_encoder, tmp_path):
     Scorer(cfg.model_copy(update={"backend": "openvino", "dtype": "float32"}))
     assert backends.EXPORTS["onnx-float32"] - before.get("onnx-float32", 0) == 1
 
+    # The int8 model: per-channel weights, the first encoder layer left in float32, the head-only last layer.
+    import onnx
+
+    assert again.backend.head_only
+    graph = onnx.load(str(again.backend.path)).graph
+    first = [n.op_type for n in graph.node if "/encoder/layer.0/" in n.name and "MatMul" in n.op_type]
+    rest = [n.op_type for n in graph.node if "/encoder/layer.1/" in n.name and "MatMul" in n.op_type]
+    assert first and set(first) == {"MatMul"}
+    assert "MatMulInteger" in rest
+    scales = [i for i in graph.initializer if i.name.endswith("_scale")]
+    assert any(len(i.dims) == 1 and i.dims[0] > 1 for i in scales)  # one weight scale per output channel
+
 
 @pytest.mark.parametrize(
     "backend,dtype,device,message",
