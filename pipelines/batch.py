@@ -82,6 +82,9 @@ class JobSummary:
     units_retried: int = 0
     wall_time_s: float = 0.0
     pairs_per_s: float = 0.0
+    #: Where the wall time went: plan_s, first_actor_s (with its actor_imports_s and model_load_s), scoring_s
+    #: (first unit handed out to last commit), reduce_s.
+    timings_s: dict[str, float] = field(default_factory=dict)
     scale: dict[str, Any] = field(default_factory=dict)
 
     def one_line(self) -> str:
@@ -256,6 +259,7 @@ class ScoreWorker:
     """A scoring actor: one model copy; `run(unit)` scores and commits one unit."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        started = time.perf_counter()
         import torch
 
         from pipelines.scoring import Scorer
@@ -263,7 +267,9 @@ class ScoreWorker:
         if spec.model.num_threads is None and not torch.cuda.is_available():
             torch.set_num_threads(spec.num_threads)
         self.spec = spec
+        imported = time.perf_counter()
         self.scorer = Scorer(spec.model)
+        self.timings = {"actor_imports_s": imported - started, "model_load_s": time.perf_counter() - imported}
         self.storage = Storage.for_uri(spec.input_protocol_uri, spec.storage)
         out = Storage.for_uri(spec.output_uri, spec.storage)
         self.progress = Progress(out, out.path(spec.output_uri))
@@ -272,7 +278,7 @@ class ScoreWorker:
         self.node = ray.get_runtime_context().get_node_id()
 
     def ready(self) -> dict[str, Any]:
-        return {"node_id": self.node, "pid": os.getpid()}
+        return {"node_id": self.node, "pid": os.getpid(), **self.timings}
 
     def run(self, unit: Unit) -> dict[str, Any]:
         return score_unit(unit, self.spec, self.scorer, self.storage, self.progress, self.node)
@@ -645,7 +651,8 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         num_threads=default_threads(scale["num_cpus_per_actor"]),
         corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
     )
-    retried = _score_units(spec, todo, scale, config) if todo else 0
+    timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
+    retried = _score_units(spec, todo, scale, config, timings) if todo else 0
     commits = progress.read_done([u.uid for u in units])
 
     summary = JobSummary(
@@ -663,7 +670,10 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
             "units_by_node": dict(collections.Counter(c.get("node", "") for c in commits.values())),
         },
     )
+    reduce_started = time.perf_counter()
     _reduce(plan, layout, buckets, commits, summary)
+    timings["reduce_s"] = time.perf_counter() - reduce_started
+    summary.timings_s = {k: round(v, 3) for k, v in timings.items()}
     summary.wall_time_s = round(time.perf_counter() - started, 3)
     scored_now = sum(commits[u.uid]["pairs_scored"] for u in todo)
     summary.pairs_per_s = round(scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
@@ -734,9 +744,12 @@ def _cast_corpus(batch: pa.Table, *, doc_id_type: pa.DataType) -> pa.Table:
     )
 
 
-def _score_units(spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], config: RerankJobConfig) -> int:
+def _score_units(
+    spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], config: RerankJobConfig, timings: dict[str, float]
+) -> int:
     """Score units on an actor pool until every one has committed. Units of an actor that died go back to the
-    queue (each at most scale.unit_retries times); an actor that cannot start fails the job with its error."""
+    queue (each at most scale.unit_retries times); an actor that cannot start fails the job with its error.
+    Fills `timings` (first_actor_s and that actor's own split, scoring_s); returns the units retried."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -786,8 +799,17 @@ def _score_units(spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], con
             if ref in probing:
                 actor = probing.pop(ref)
                 try:
-                    ray.get(ref)
+                    info = ray.get(ref)
                     ready.append(actor)
+                    if not any_ready:
+                        timings["first_actor_s"] = now - started
+                        timings.update({k: info[k] for k in ("actor_imports_s", "model_load_s") if k in info})
+                        log.info(
+                            "rerank: first scoring actor ready after %.1f s (imports %.1f s, model load %.1f s)",
+                            now - started,
+                            info.get("actor_imports_s", 0.0),
+                            info.get("model_load_s", 0.0),
+                        )
                     any_ready = True
                 except RayActorError as err:
                     if not any_ready:
@@ -819,6 +841,7 @@ def _score_units(spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], con
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+    timings["scoring_s"] = time.monotonic() - started - timings.get("first_actor_s", 0.0)
     return sum(attempts.values())
 
 

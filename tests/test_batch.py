@@ -76,6 +76,10 @@ def test_flat_layout_spread_over_files(ray_local, tmp_path, tiny_cross_encoder, 
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert written["pairs_scored"] == len(pairs) and written["model"]["revision"].startswith("sha256:")
     assert (tmp_path / "out" / "_SUCCESS").exists()
+    stages = ("plan_s", "first_actor_s", "actor_imports_s", "model_load_s", "scoring_s", "reduce_s")
+    assert set(written["timings_s"]) == set(stages) and all(written["timings_s"][k] >= 0 for k in stages)
+    whole = sum(written["timings_s"][k] for k in ("plan_s", "first_actor_s", "scoring_s", "reduce_s"))
+    assert whole <= written["wall_time_s"] + 0.01
 
 
 def test_packed_layout_with_string_ids_and_rejects(ray_local, tmp_path, tiny_cross_encoder, pairs, scores):
