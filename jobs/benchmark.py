@@ -408,7 +408,9 @@ def main() -> None:
         s, e, p, _ = scorer_run(
             model, args.kind, queries, passages, args.max_length, args.chunk, max_batch_tokens=budget
         )
-        add(f"Scorer torch float32, max_batch_tokens {budget}", len(queries), e, p, s, "float32", ref_head, sweep=budget)
+        add(
+            f"Scorer torch float32, max_batch_tokens {budget}", len(queries), e, p, s, "float32", ref_head, sweep=budget
+        )
 
     ray_specs = [x for x in args.ray_backends.split(",") if x]
     if ray_specs:

@@ -217,7 +217,7 @@ def _encoder_layers(model: torch.nn.Module):
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
-def head_only_last_layer(features: "_Features") -> bool:
+def head_only_last_layer(features: _Features) -> bool:
     """Swap a cross-encoder's last encoder layer for `_HeadOnlyLastLayer` where the architecture allows it and a
     probe batch (two pairs, one padded) scores the same as the full model; return whether it was swapped.
     Anything else (other architectures, relative positions, a transformers version whose layers differ) keeps
@@ -261,7 +261,9 @@ def head_only_last_layer(features: "_Features") -> bool:
         hook.remove()
     if not ok:
         layers[-1] = last
-        log.info("head-only last layer does not match the full layer for %s; using the full model", type(model).__name__)
+        log.info(
+            "head-only last layer does not match the full layer for %s; using the full model", type(model).__name__
+        )
     return ok
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tests.ports import free_port
+from tests.ray_cluster import start_local_ray
 from tests.s3_faults import s3_fault_proxy  # noqa: F401 - the fixture, documented in tests/s3_faults.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,14 +42,7 @@ def ray_local():
     never starve the read tasks on a 2-core machine."""
     import ray
 
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -61,13 +61,16 @@ def test_two_label_and_bi_encoder_backends(tiny_cross_encoder_2labels, tiny_bi_e
             np.testing.assert_allclose(other.embed(PASSAGES), base.embed(PASSAGES), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,extra,head_only", [
-    ("bert", {}, True),
-    ("roberta", {}, True),
-    ("xlm-roberta", {}, True),
-    ("electra", {}, True),
-    ("bert", {"position_embedding_type": "relative_key"}, False),  # relative positions: the full layer stays
-])
+@pytest.mark.parametrize(
+    "arch,extra,head_only",
+    [
+        ("bert", {}, True),
+        ("roberta", {}, True),
+        ("xlm-roberta", {}, True),
+        ("electra", {}, True),
+        ("bert", {"position_embedding_type": "relative_key"}, False),  # relative positions: the full layer stays
+    ],
+)
 def test_last_layer_for_the_first_token_scores_like_the_full_model(tmp_path, arch, extra, head_only):
     """The torch backend computes a cross-encoder's last layer for the first token only (all its head reads);
     scores, padded batches of mixed lengths included, equal the unmodified Hugging Face model's."""

@@ -17,6 +17,7 @@ from pipelines.config import ModelConfig, RerankJobConfig, validate_config
 from pipelines.errors import InputError
 from pipelines.scoring import Scorer
 from tests.datasets import make_pairs, reference_top_n
+from tests.ray_cluster import start_local_ray
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,14 +27,7 @@ def s3_ray(s3_server):
     """Ray starts after AWS_ENDPOINT_URL is set, as it would for a user, so its workers inherit it."""
     import ray
 
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    start_local_ray()
     yield s3_server
     ray.shutdown()
 

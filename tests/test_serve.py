@@ -23,6 +23,7 @@ import requests
 from pipelines.config import ModelConfig, ServeAppConfig, validate_config
 from pipelines.errors import ConfigError
 from tests.ports import free_port, port_open
+from tests.ray_cluster import start_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = "what is the boundary layer of a supersonic wing"
@@ -226,14 +227,7 @@ def service(model_path):
         },
     )
     os.environ.pop("RERANK_TEST_UNSET_KEY", None)
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    start_local_ray()
     try:
         start_service(config)
         url = f"http://127.0.0.1:{port}"

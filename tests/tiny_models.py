@@ -62,8 +62,15 @@ def build_encoder_classifier(path: str | Path, arch: str, seed: int = 0, **extra
     path = Path(path)
     _write_tokenizer(path)
     base = _bert_config(**extra).to_dict()
-    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "initializer_range", *extra)
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "initializer_range",
+        *extra,
+    )
     kwargs = {k: base[k] for k in keep} | {"num_labels": 1}
     if arch != "bert":
         kwargs.update(pad_token_id=0, max_position_embeddings=140)  # roberta positions start after the pad id
