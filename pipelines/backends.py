@@ -249,7 +249,7 @@ def head_only_last_layer(features: _Features) -> bool:
         with torch.inference_mode():
             ref = features(ids, mask, tt).float()
         hook.remove()
-        layers[-1] = _HeadOnlyLastLayer(last, returns_tuple=bool(kinds and kinds[0]))
+        layers[-1] = features.head_layer = _HeadOnlyLastLayer(last, returns_tuple=bool(kinds and kinds[0]))
         with torch.inference_mode():
             got = features(ids, mask, tt).float()
         tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
@@ -258,9 +258,10 @@ def head_only_last_layer(features: _Features) -> bool:
         log.info("head-only last layer not usable for %s: %s", type(model).__name__, err)
         ok = False
     finally:
-        hook.remove()
+        hook.remove()  # no-op when already removed; here for the paths that raised before it
     if not ok:
         layers[-1] = last
+        features.head_layer = None
         log.info(
             "head-only last layer does not match the full layer for %s; using the full model", type(model).__name__
         )
@@ -273,11 +274,12 @@ class _Features(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, kind: str):
         super().__init__()
         self.model, self.kind = model, kind
+        #: Set by head_only_last_layer when it swaps the last layer; it needs each call's attention mask.
+        self.head_layer: _HeadOnlyLastLayer | None = None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        layers = _encoder_layers(self.model)
-        if layers is not None and isinstance(layers[-1], _HeadOnlyLastLayer):
-            layers[-1].mask = attention_mask
+        if self.head_layer is not None:
+            self.head_layer.mask = attention_mask
         kwargs = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long()}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids.long()
