@@ -241,6 +241,7 @@ def score_unit(
         "rejected": dict(sorted(by_reason.items())),
         "buckets": {str(b): i for i, b in enumerate(present)},
         "node": node,
+        "pid": os.getpid(),  # the process that scored it: which actor, when chasing one
     }
     if pairs_in != scored.num_rows + rejected.num_rows:
         raise JobError(
@@ -769,6 +770,7 @@ def _score_units(
     inflight: dict[Any, tuple[Any, Unit]] = {}
     queue = collections.deque(units)
     attempts: collections.Counter = collections.Counter()
+    lost: collections.Counter = collections.Counter()  # deaths per actor, against scale.max_restarts
     started = last_log = time.monotonic()
     any_ready, finished, pairs = False, 0, 0
     try:
@@ -814,7 +816,12 @@ def _score_units(
                 except RayActorError as err:
                     if not any_ready:
                         raise JobError(f"the scoring actor could not start: {_root_cause(err)}") from None
-                    log.warning("rerank: a scoring actor is gone for good: %s", _root_cause(err))
+                    lost[actor] += 1
+                    if lost[actor] <= config.scale.max_restarts:  # died while starting: Ray restarts it
+                        log.warning("rerank: a scoring actor died while starting: %s", _root_cause(err))
+                        probing[actor.ready.remote()] = actor
+                    else:
+                        log.warning("rerank: a scoring actor is gone for good: %s", _root_cause(err))
                 continue
             actor, unit = inflight.pop(ref)
             load[actor] -= 1
@@ -830,6 +837,7 @@ def _score_units(
                 _retry(unit, attempts, config, queue, f"its actor died: {_root_cause(err)}")
                 if actor in ready:  # a restarted actor answers ready() again; a dead one raises
                     ready.remove(actor)
+                    lost[actor] += 1
                     probing[actor.ready.remote()] = actor
                 continue
             finished += 1

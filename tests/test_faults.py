@@ -198,11 +198,12 @@ def test_scoring_actor_killed_mid_job(ray_local, tmp_path, tiny_cross_encoder, p
     killed = None
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and killed is None:
-        if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= 5:
-            pids = _score_worker_pids()
-            if pids:
-                killed = pids[0]
-                os.kill(killed, signal.SIGKILL)
+        records = [json.loads(p.read_text()) for p in done_dir.glob("*.json")] if done_dir.exists() else []
+        if len(records) >= 5:
+            # An actor that has committed a unit is past start-up, so it holds units in flight (115 remain).
+            killed = records[-1]["pid"]
+            assert killed in _score_worker_pids()
+            os.kill(killed, signal.SIGKILL)
         time.sleep(0.02)
     thread.join(timeout=240)
     assert killed is not None, "the job ended before an actor could be killed"
