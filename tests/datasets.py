@@ -9,6 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.config import RerankJobConfig, validate_config
+
 WORDS = (  # noqa: SIM905
     "flow boundary layer pressure heat transfer wing supersonic mach number shock wave the of a"
 ).split()
@@ -71,3 +73,18 @@ def read_output(folder: Path) -> pd.DataFrame:
 
     table = pds.dataset(str(folder), format="parquet").to_table()
     return table.to_pandas().sort_values(["query_id", "rank"]).reset_index(drop=True)
+
+
+def small_job(tmp_path: Path, model: str, input_uri, top_n: int, **extra) -> RerankJobConfig:
+    """A job config sized for a 2-core test machine: two half-CPU actors, small batches, output in tmp_path/out.
+    ``extra`` sets or overrides fields as ``section__name=value`` (e.g. ``scale__unit_rows=6``)."""
+    data = {
+        "input": {"uri": str(input_uri)},
+        "output": {"uri": str(tmp_path / "out"), "top_n": top_n},
+        "model": {"name_or_path": model, "max_length": 96, "batch_size": 8},
+        "scale": {"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_rows": 16},
+    }
+    for key, value in extra.items():
+        section, name = key.split("__")
+        data.setdefault(section, {})[name] = value
+    return validate_config(RerankJobConfig, data)

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.batch import run_rerank
-from pipelines.config import ModelConfig, RerankJobConfig, validate_config
+from pipelines.config import ModelConfig, RerankJobConfig
 from pipelines.errors import InputError, OutputError
 from pipelines.scoring import Scorer
-from tests.datasets import make_pairs, read_output, reference_top_n, write_flat, write_packed
+from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat, write_packed
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,16 +22,7 @@ TOP_N = 4
 
 
 def job(tmp_path, model, input_uri, **extra) -> RerankJobConfig:
-    data = {
-        "input": {"uri": str(input_uri)},
-        "output": {"uri": str(tmp_path / "out"), "top_n": TOP_N},
-        "model": {"name_or_path": model, "max_length": 96, "batch_size": 8},
-        "scale": {"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_rows": 16},
-    }
-    for key, value in extra.items():
-        section, name = key.split("__")
-        data.setdefault(section, {})[name] = value
-    return validate_config(RerankJobConfig, data)
+    return small_job(tmp_path, model, input_uri, TOP_N, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ workers only). The job must finish with the output of an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -92,7 +94,15 @@ def test_worker_node_removed_mid_job(cluster, tmp_path, tiny_cross_encoder):
         records = [json.loads(p.read_text()) for p in done.glob("*.json")] if done.exists() else []
         # Both actors at work (a unit committed from each worker node), so the removed one holds units in flight.
         if len(records) >= 4 and len({r["node"] for r in records}) == 2:
+            # A lost machine takes its processes with it. remove_node stops the node's raylet, but its worker
+            # processes outlive it for a while and still answer the driver's direct actor calls, so the actor goes
+            # down with the node here, holding its units in flight.
+            pids = {r["pid"] for r in records if r["node"] == workers[0].node_id}
+            assert pids, "the two nodes with units committed are not the two workers"
             c.remove_node(workers[0], allow_graceful=False)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             removed = True
             break
         time.sleep(0.02)
