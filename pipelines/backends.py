@@ -94,7 +94,7 @@ def check_backend(config: ModelConfig, device: torch.device) -> list[str]:
                 f"{combo} on CPU is not supported: torch has no fast float16 CPU kernels; use bfloat16 "
                 "(autocast) or float32, or float16 on a GPU"
             )
-        if where == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        if where == "cuda" and dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"{combo}: this GPU has no bfloat16 support; use float16")
         if where == "cpu" and dtype == "bfloat16" and not native_bf16():
             out.append(_slow_bf16(combo))
@@ -131,12 +131,46 @@ def check_backend(config: ModelConfig, device: torch.device) -> list[str]:
     raise ConfigError(f"unknown model.backend {backend!r}; use torch, onnx or openvino")
 
 
-def check_model_config(config: ModelConfig) -> None:
-    """check_backend on the device the model will run on, as far as this process can tell (entry points call it
-    before starting Ray): refusals raise, warnings are logged."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
+def planned_device(config: ModelConfig) -> torch.device | None:
+    """The device the model will run on, as far as this process can tell before Ray starts: model.device when
+    set; with auto, CUDA when this machine has it, else the CPU of a local Ray's actors. None when it cannot tell:
+    auto, no GPU here, and the job joins a cluster (RAY_ADDRESS), whose workers may have GPUs this head lacks."""
+    from pipelines.ray_runtime import joins_cluster
+
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return None if joins_cluster() else torch.device("cpu")
+
+
+def actor_device(config: ModelConfig, gpus: float) -> torch.device:
+    """Where a Ray actor or replica reserving `gpus` GPUs runs the model: Ray hides every GPU from one that
+    reserves none."""
+    if config.device == "auto":
+        return torch.device("cuda" if gpus > 0 else "cpu")
+    if config.device.startswith("cuda") and gpus <= 0:
+        raise ConfigError(
+            f"model.device is {config.device} but the actors get no GPU (the cluster has none, or "
+            "num_gpus_per_actor is 0): use model.device auto or cpu, or give the actors GPUs"
+        )
+    return torch.device(config.device)
+
+
+def check_model_config(config: ModelConfig, device: torch.device | None = None) -> None:
+    """check_backend on `device`, else on planned_device (entry points call it before starting Ray): refusals
+    raise, warnings are logged. When the device is not known yet, only what no device can run is refused; the
+    model's own process checks again on its device when it loads."""
+    device = device or planned_device(config)
+    if device is None:
+        refusals = []
+        for candidate in ("cpu", "cuda"):
+            try:
+                check_backend(config, torch.device(candidate))
+                return
+            except ConfigError as err:
+                refusals.append(err)
+        raise refusals[0]
     for warning in check_backend(config, device):
         log.warning(warning)
 

@@ -597,6 +597,12 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
 
     manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
     scale = resolve_scale(config)
+    from pipelines import backends
+    from pipelines.scoring import max_batch_tokens
+
+    device = backends.actor_device(config.model, scale["num_gpus_per_actor"])
+    backends.check_model_config(config.model, device)  # on the actors' device, before any of them starts
+    model = plan.model | {"device": str(device), "max_batch_tokens": max_batch_tokens(config.model, device)}
     layout = plan.layout
     if manifest is None:
         buckets = _num_buckets(config, sum(s for _, s in plan.files))
@@ -660,7 +666,7 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         output_uri=config.output.uri,
         layout=plan.layout.layout + (" + corpus" if plan.corpus else ""),
         config=config.model_dump(mode="json"),
-        model=plan.model,
+        model=model,
         input_files=len(plan.files),
         units=len(units),
         units_resumed=len(units) - len(todo),

@@ -33,6 +33,12 @@ def local_num_cpus(ray_config: RayConfig | None = None) -> int:
     return (os.cpu_count() or 2) + 2
 
 
+def joins_cluster() -> bool:
+    """True when an entry point here would join a cluster (RAY_ADDRESS set) rather than start a local Ray: the
+    actors then run on other machines, whose devices this process cannot see."""
+    return bool(os.environ.get("RAY_ADDRESS", "").strip())
+
+
 def check_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """Raise ClusterError unless something listens at a ``host:port`` / ``ray://host:port`` address."""
     if address in ("auto", "local"):
@@ -63,7 +69,7 @@ def connect(ray_config: RayConfig | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
+    if joins_cluster():
         check_address(address)
         try:
             ray.init(address=address, log_to_driver=True)

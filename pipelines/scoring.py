@@ -142,25 +142,19 @@ def label_token_ids(tokenizer, config: ModelConfig) -> list[int]:
     return ids
 
 
-def plan_device(config: ModelConfig) -> torch.device:
-    """The device the model will run on, as far as a driver can tell (it may itself have no GPU)."""
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def max_batch_tokens(config: ModelConfig, device: torch.device) -> int:
     if config.max_batch_tokens == "auto":
         return backends.default_max_batch_tokens(device)
     return int(config.max_batch_tokens)
 
 
-def describe_model(config: ModelConfig) -> dict:
+def describe_model(config: ModelConfig, device: torch.device | None = None) -> dict:
     """Name, kind and revision (or content hash) of a model, validated but not loaded: an unsupported
-    backend/dtype/device combination is a ConfigError here, before any cluster time is spent."""
-    device = plan_device(config)
-    for warning in backends.check_backend(config, device):
-        log.warning(warning)
+    backend/dtype/device combination is a ConfigError here, before any cluster time is spent. `device` defaults
+    to backends.planned_device; None there (a cluster's actors may have GPUs this process lacks) leaves the
+    device-specific check to `describe_model(config, actor_device)` once the actors' GPUs are known."""
+    device = device or backends.planned_device(config)
+    backends.check_model_config(config, device)
     _, num_labels = load_tokenizer_and_labels(config)
     return {
         "name_or_path": config.name_or_path,
@@ -170,7 +164,8 @@ def describe_model(config: ModelConfig) -> dict:
         "backend": config.backend,
         "dtype": config.dtype,
         "max_length": config.max_length,
-        "max_batch_tokens": max_batch_tokens(config, device),
+        "device": str(device) if device else "auto (the actors')",
+        "max_batch_tokens": max_batch_tokens(config, device) if device else config.max_batch_tokens,
     }
 
 

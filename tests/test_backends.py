@@ -154,6 +154,33 @@ def test_unsupported_combinations_are_refused_at_plan_time(tiny_cross_encoder, b
     assert "\n" not in str(err.value)
 
 
+def test_a_cluster_job_is_checked_on_its_actors_device(tiny_cross_encoder, monkeypatch):
+    """A driver without a GPU joining a cluster (RAY_ADDRESS, as `ray job submit` sets it) cannot see the workers'
+    GPUs: before Ray starts it refuses only what no device runs; once the actors' GPUs are known, their device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fp16 = ModelConfig(name_or_path=tiny_cross_encoder, dtype="float16")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert backends.planned_device(fp16) == torch.device("cpu")  # a local Ray: the actors are on this machine
+    with pytest.raises(ConfigError, match="no fast float16 CPU kernels"):
+        describe_model(fp16)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert backends.planned_device(fp16) is None
+    info = describe_model(fp16)  # float16 runs on the workers' GPUs
+    assert info["device"] == "auto (the actors')" and info["max_batch_tokens"] == "auto"
+    with pytest.raises(ConfigError, match="no fast float16 matmul"):  # no device runs onnx float16
+        describe_model(ModelConfig(name_or_path=tiny_cross_encoder, backend="onnx", dtype="float16"))
+    assert backends.planned_device(fp16.model_copy(update={"device": "cpu"})) == torch.device("cpu")
+
+    assert backends.actor_device(fp16, 1.0) == torch.device("cuda")
+    assert backends.actor_device(fp16, 0.5) == torch.device("cuda")
+    assert backends.actor_device(fp16, 0.0) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="the actors get no GPU"):
+        backends.actor_device(fp16.model_copy(update={"device": "cuda"}), 0.0)
+    backends.check_model_config(fp16, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="no fast float16 CPU kernels"):
+        backends.check_model_config(fp16, backends.actor_device(fp16, 0.0))
+
+
 def test_float16_openvino_refused_without_native_support(tiny_cross_encoder, monkeypatch):
     monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(ConfigError, match="avx512_fp16"):

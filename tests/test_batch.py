@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.batch import run_rerank
+from pipelines.batch import plan_rerank, run_rerank
 from pipelines.config import ModelConfig, RerankJobConfig
-from pipelines.errors import InputError, OutputError
+from pipelines.errors import ConfigError, InputError, OutputError
 from pipelines.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat, write_packed
 
@@ -66,11 +66,27 @@ def test_flat_layout_spread_over_files(ray_local, tmp_path, tiny_cross_encoder, 
     assert summary.queries == pairs["query_id"].nunique() and summary.rows_written == len(out)
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert written["pairs_scored"] == len(pairs) and written["model"]["revision"].startswith("sha256:")
+    assert written["model"]["device"] == "cpu" and written["model"]["max_batch_tokens"] == 2048  # the actors'
     assert (tmp_path / "out" / "_SUCCESS").exists()
     stages = ("plan_s", "first_actor_s", "actor_imports_s", "model_load_s", "scoring_s", "reduce_s")
     assert set(written["timings_s"]) == set(stages) and all(written["timings_s"][k] >= 0 for k in stages)
     whole = sum(written["timings_s"][k] for k in ("plan_s", "first_actor_s", "scoring_s", "reduce_s"))
     assert whole <= written["wall_time_s"] + 0.01
+
+
+def test_a_job_planned_for_a_cluster_is_checked_on_its_actors_device(
+    ray_local, tmp_path, tiny_cross_encoder, pairs, monkeypatch
+):
+    """Under `ray job submit` the plan cannot see the workers' GPUs, so float16 passes it; the actors here get no
+    GPU, so the job refuses it before any actor starts."""
+    src = write_flat(pairs, tmp_path / "in", files=1)
+    config = job(tmp_path, tiny_cross_encoder, src, model__dtype="float16")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    plan = plan_rerank(config)
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ConfigError, match="float16 on CPU is not supported"):
+        run_rerank(config, plan)
+    assert not (tmp_path / "out" / "_work").exists()
 
 
 def test_packed_layout_with_string_ids_and_rejects(ray_local, tmp_path, tiny_cross_encoder, pairs, scores):

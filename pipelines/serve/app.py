@@ -507,7 +507,7 @@ class RerankService:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _num_gpus(config: ServeAppConfig) -> float:
+def replica_gpus(config: ServeAppConfig) -> float:
     gpus = config.serve.num_gpus_per_replica
     if gpus != "auto":
         return float(gpus)
@@ -524,7 +524,7 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "ray_actor_options": {
             "num_cpus": s.num_cpus_per_replica,
-            "num_gpus": _num_gpus(config),
+            "num_gpus": replica_gpus(config),
             **({"resources": dict(s.replica_resources)} if s.replica_resources else {}),
         },
         "max_ongoing_requests": s.max_ongoing_requests,
