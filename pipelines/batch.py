@@ -141,7 +141,7 @@ class WorkerSpec:
     batch_rows: int
     max_text_bytes: int
     corpus: bool
-    num_threads: int
+    num_cpus: float  # what each actor reserved: its torch threads, counted on its own node
     corpus_packed: bool = False  # joined input made from packed candidates (rows marked _no_candidates)
 
 
@@ -263,10 +263,10 @@ class ScoreWorker:
         started = time.perf_counter()
         import torch
 
-        from pipelines.scoring import Scorer
+        from pipelines.scoring import Scorer, default_threads
 
         if spec.model.num_threads is None and not torch.cuda.is_available():
-            torch.set_num_threads(spec.num_threads)
+            torch.set_num_threads(default_threads(spec.num_cpus))
         self.spec = spec
         imported = time.perf_counter()
         self.scorer = Scorer(spec.model)
@@ -642,7 +642,6 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         scale["num_gpus_per_actor"],
         buckets,
     )
-    from pipelines.scoring import default_threads
 
     spec = WorkerSpec(
         model=config.model,
@@ -655,7 +654,7 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
         batch_rows=config.scale.batch_rows,
         max_text_bytes=config.input.max_text_bytes,
         corpus=plan.corpus is not None,
-        num_threads=default_threads(scale["num_cpus_per_actor"]),
+        num_cpus=scale["num_cpus_per_actor"],
         corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
     )
     timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
