@@ -757,7 +757,7 @@ def _score_units(
     queue (each at most scale.unit_retries times); an actor that cannot start fails the job with its error.
     Fills `timings` (first_actor_s and that actor's own split, scoring_s); returns the units retried."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
     options: dict[str, Any] = {
         "num_cpus": scale["num_cpus_per_actor"],
@@ -777,24 +777,53 @@ def _score_units(
     attempts: collections.Counter = collections.Counter()
     lost: collections.Counter = collections.Counter()  # deaths per actor, against scale.max_restarts
     started = last_log = time.monotonic()
+    lost_all_since: float | None = None  # when the last ready actor died (all restarting or gone)
+    reprobe_at: dict[Any, float] = {}  # unreachable actors (their node may be going): ask again at this time
     any_ready, finished, pairs = False, 0, 0
     try:
         while queue or inflight:
+            for actor, when in list(reprobe_at.items()):
+                if when <= time.monotonic():
+                    del reprobe_at[actor]
+                    probing[actor.ready.remote()] = actor
             for actor in ready:
                 while queue and load[actor] < UNITS_IN_FLIGHT_PER_ACTOR:
                     unit = queue.popleft()
                     inflight[actor.run.remote(unit)] = (actor, unit)
                     load[actor] += 1
-            if not inflight and not probing:
-                raise JobError("every scoring actor died; see the errors above (ray logs) for why")
-            done, _ = ray.wait(list(inflight) + list(probing), num_returns=1, timeout=30.0)
+            if not inflight and not probing and not reprobe_at:
+                raise JobError(
+                    f"every scoring actor died ({finished} of {len(units)} units done; rerun with --resume to keep "
+                    "them); see the errors above (ray logs) for why"
+                )
+            wait_s = min(30.0, max(1.0, config.scale.actor_start_timeout_s / 10))
+            if reprobe_at:
+                wait_s = min(wait_s, max(0.05, min(reprobe_at.values()) - time.monotonic()))
+            refs = list(inflight) + list(probing)
+            if refs:
+                done, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
+            else:  # only unreachable actors, to ask again
+                time.sleep(wait_s)
+                done = []
             now = time.monotonic()
+            if ready or inflight:
+                lost_all_since = None
+            elif any_ready and lost_all_since is None:
+                lost_all_since = now
             if not done:
-                if not any_ready and now - started > config.scale.actor_start_timeout_s:
-                    raise JobError(
-                        f"no scoring actor started within {config.scale.actor_start_timeout_s:.0f} s: the cluster "
-                        f"lacks {scale['num_cpus_per_actor']} CPU / {scale['num_gpus_per_actor']} GPU"
+                waited = now - (lost_all_since if lost_all_since is not None else started)
+                if (not any_ready or lost_all_since is not None) and waited > config.scale.actor_start_timeout_s:
+                    lacks = (
+                        f"the cluster lacks {scale['num_cpus_per_actor']} CPU / {scale['num_gpus_per_actor']} GPU"
                         f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''} free per actor"
+                    )
+                    if not any_ready:
+                        raise JobError(
+                            f"no scoring actor started within {config.scale.actor_start_timeout_s:.0f} s: {lacks}"
+                        )
+                    raise JobError(
+                        f"every scoring actor died and none restarted within {config.scale.actor_start_timeout_s:.0f} "
+                        f"s ({finished} of {len(units)} units done; rerun with --resume to keep them): {lacks}"
                     )
                 if now - last_log > 60:
                     log.info(
@@ -818,6 +847,10 @@ def _score_units(
                             info.get("model_load_s", 0.0),
                         )
                     any_ready = True
+                except ActorUnavailableError:
+                    # Not known dead: unreachable for now (e.g. its node is going). Ray answers again once it has
+                    # restarted it or found it dead; asking at once would spin on the same refusal.
+                    reprobe_at[actor] = now + 1.0
                 except RayActorError as err:
                     if not any_ready:
                         raise JobError(f"the scoring actor could not start: {_root_cause(err)}") from None

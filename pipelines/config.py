@@ -307,8 +307,9 @@ class ScaleConfig(_Strict):
     actor_start_timeout_s: float = Field(
         900.0,
         gt=0,
-        description="How long to wait for a first scoring actor to be placed and load its model (an autoscaling "
-        "cluster may have to add a node first).",
+        description="How long to wait for a first scoring actor to be placed and load its model, and for one to "
+        "restart once every actor has died (an autoscaling cluster may have to add a node first); then the job "
+        "stops with the reason, its finished units kept for --resume.",
     )
 
     @model_validator(mode="after")

@@ -59,66 +59,108 @@ def cluster(monkeypatch):
         subprocess.run(["rm", "-rf", tmp], check=False)
 
 
-def test_worker_node_removed_mid_job(cluster, tmp_path, tiny_cross_encoder):
-    import ray
-
-    from pipelines.batch import run_rerank
+def _config(tmp_path, model: str, src, **scale):
     from pipelines.config import RerankJobConfig
 
-    c, workers = cluster
-    pairs = make_pairs(num_queries=60, per_query=9, seed=7)
-    src = write_flat(pairs, tmp_path / "in", files=3)
-    config = validate_config(
+    return validate_config(
         RerankJobConfig,
         {
             "input": {"uri": str(src)},
             "output": {"uri": str(tmp_path / "out"), "top_n": TOP_N},
-            "model": {"name_or_path": tiny_cross_encoder, "max_length": 96, "batch_size": 8},
-            "scale": {"num_actors": 2, "num_cpus_per_actor": 1, "unit_rows": 4, "actor_resources": {"accel": 1}},
+            "model": {"name_or_path": model, "max_length": 96, "batch_size": 8},
+            "scale": {"num_actors": 2, "num_cpus_per_actor": 1, "unit_rows": 4, "actor_resources": {"accel": 1}}
+            | scale,
         },
     )
+
+
+def _remove_mid_job(c, workers, lose: int, config, done: Path) -> dict:
+    """Run the job in a thread; once both actors have committed units, remove the first `lose` worker nodes and
+    wait for the job. Returns {"summary": ...} or {"error": ...}."""
+    from pipelines.batch import run_rerank
+
     result: dict = {}
 
     def run() -> None:
         try:
             result["summary"] = run_rerank(config)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:  # noqa: BLE001 - reported by the tests
             result["error"] = err
 
     thread = threading.Thread(target=run)
     thread.start()
-    done = Path(tmp_path / "out" / "_work" / "done")
     removed = False
     deadline = time.monotonic() + 240
     while thread.is_alive() and time.monotonic() < deadline:
         records = [json.loads(p.read_text()) for p in done.glob("*.json")] if done.exists() else []
-        # Both actors at work (a unit committed from each worker node), so the removed one holds units in flight.
+        # Both actors at work (a unit committed from each worker node), so a removed one holds units in flight.
         if len(records) >= 4 and len({r["node"] for r in records}) == 2:
-            # A lost machine takes its processes with it. remove_node stops the node's raylet, but its worker
-            # processes outlive it for a while and still answer the driver's direct actor calls, so the actor goes
-            # down with the node here, holding its units in flight.
-            pids = {r["pid"] for r in records if r["node"] == workers[0].node_id}
-            assert pids, "the two nodes with units committed are not the two workers"
-            c.remove_node(workers[0], allow_graceful=False)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            for node in workers[:lose]:
+                # A lost machine takes its processes with it. remove_node stops the node's raylet, but its worker
+                # processes outlive it for a while and still answer the driver's direct actor calls, so the actor
+                # goes down with the node here, holding its units in flight.
+                pids = {r["pid"] for r in records if r["node"] == node.node_id}
+                assert pids, "the two nodes with units committed are not the two workers"
+                c.remove_node(node, allow_graceful=False)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             removed = True
             break
         time.sleep(0.02)
     thread.join(timeout=400)
-    assert removed, "the job ended before a node could be removed"
-    assert "error" not in result, result.get("error")
-    summary = result["summary"]
-    assert summary.units_retried >= 1
-    assert summary.pairs_in == summary.pairs_scored == len(pairs)
-    head = ray.get_runtime_context().get_node_id()
-    assert head not in summary.scale["units_by_node"]  # scoring only on the nodes with the resource
+    assert removed, f"the job ended before a node could be removed: {result}"
+    return result
 
-    scores = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96)).score(
+
+def _assert_reference_output(tmp_path, model: str, pairs: pd.DataFrame) -> None:
+    scores = Scorer(ModelConfig(name_or_path=model, max_length=96)).score(
         pairs["query"].tolist(), pairs["text"].tolist()
     )
     got, ref = read_output(tmp_path / "out"), reference_top_n(pairs, scores, TOP_N)
     cols = ["query_id", "doc_id", "rank", "first_stage_rank"]
     pd.testing.assert_frame_equal(got[cols], ref[cols], check_dtype=False)
     np.testing.assert_allclose(got["score"], ref["score"], atol=1e-4)
+
+
+def test_worker_node_removed_mid_job(cluster, tmp_path, tiny_cross_encoder):
+    import ray
+
+    c, workers = cluster
+    pairs = make_pairs(num_queries=60, per_query=9, seed=7)
+    src = write_flat(pairs, tmp_path / "in", files=3)
+    config = _config(tmp_path, tiny_cross_encoder, src)
+    result = _remove_mid_job(c, workers, 1, config, tmp_path / "out" / "_work" / "done")
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.units_retried >= 1
+    assert summary.pairs_in == summary.pairs_scored == len(pairs)
+    head = ray.get_runtime_context().get_node_id()
+    assert head not in summary.scale["units_by_node"]  # scoring only on the nodes with the resource
+    _assert_reference_output(tmp_path, tiny_cross_encoder, pairs)
+
+
+def test_every_worker_node_lost_then_resumed_on_a_new_one(cluster, tmp_path, tiny_cross_encoder):
+    """Both actors' nodes lost and no other node can host them: the job stops after actor_start_timeout_s with the
+    reason instead of waiting forever; once a node is back (as an autoscaler would add one), --resume finishes
+    with the output of an uninterrupted run, keeping the units done before."""
+    from pipelines.batch import JobError, run_rerank
+
+    c, workers = cluster
+    pairs = make_pairs(num_queries=60, per_query=9, seed=8)
+    src = write_flat(pairs, tmp_path / "in", files=3)
+    config = _config(
+        tmp_path, tiny_cross_encoder, src, actor_start_timeout_s=30
+    )  # ample to start here; what it bounds below is the restart
+    started = time.monotonic()
+    result = _remove_mid_job(c, workers, 2, config, tmp_path / "out" / "_work" / "done")
+    assert isinstance(result.get("error"), JobError), result
+    assert "every scoring actor died and none restarted within 30 s" in str(result["error"])
+    assert "--resume" in str(result["error"]) and "{'accel': 1.0} free per actor" in str(result["error"])
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+    c.add_node(num_cpus=2, resources={"accel": 1}, node_ip_address="127.0.0.1")
+    summary = run_rerank(config.model_copy(update={"output": config.output.model_copy(update={"mode": "resume"})}))
+    assert summary.units_resumed >= 4 and summary.pairs_in == summary.pairs_scored == len(pairs)
+    _assert_reference_output(tmp_path, tiny_cross_encoder, pairs)
