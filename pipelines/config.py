@@ -264,7 +264,7 @@ class ScaleConfig(_Strict):
         None, ge=1, description="Set to autoscale the actor pool between num_actors and this."
     )
     num_gpus_per_actor: float | Literal["auto"] = Field(
-        "auto", description="GPUs per actor; auto: 1 when the cluster has GPUs, else 0."
+        "auto", description="GPUs per actor; auto: 1 when the cluster has GPUs and model.device is not cpu, else 0."
     )
     num_cpus_per_actor: float = Field(
         2.0,
@@ -484,7 +484,7 @@ class ServeConfig(_Strict):
         description="CPUs reserved per replica; also its torch thread count on CPU (model.num_threads overrides).",
     )
     num_gpus_per_replica: float | Literal["auto"] = Field(
-        "auto", description="GPUs per replica; auto: 1 when the cluster has GPUs, else 0."
+        "auto", description="GPUs per replica; auto: 1 when the cluster has GPUs and model.device is not cpu, else 0."
     )
     replica_resources: dict[str, PositiveFloat] = Field(
         {},

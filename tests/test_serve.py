@@ -99,6 +99,20 @@ def test_config_errors_name_the_key():
         validate_config(ServeAppConfig, {**base, "serve": {"max_docs": 5}})
 
 
+def test_auto_gpus_per_replica_follow_the_model_device(monkeypatch):
+    """On a cluster with GPUs (Ray's view of it stood in for: this machine has none), auto gives each replica a
+    GPU unless model.device is cpu."""
+    import ray
+
+    from pipelines.serve.app import replica_gpus
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    for device, gpus in (("auto", 1.0), ("cuda", 1.0), ("cpu", 0.0)):
+        config = validate_config(ServeAppConfig, {"model": {"name_or_path": "m", "device": device}})
+        assert replica_gpus(config) == gpus, device
+
+
 def test_deployment_options_from_config():
     from pipelines.serve.app import deployment_options, replica_init_args
 

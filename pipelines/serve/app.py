@@ -508,12 +508,14 @@ class RerankService:
 
 
 def replica_gpus(config: ServeAppConfig) -> float:
+    """GPUs each replica reserves; auto: 1 when the cluster has GPUs and model.device may use one (as the batch
+    job's actors), so a `device: cpu` replica does not hold a GPU it never uses."""
     gpus = config.serve.num_gpus_per_replica
     if gpus != "auto":
         return float(gpus)
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or config.model.device == "cpu":
         return 0.0
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
