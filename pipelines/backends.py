@@ -5,7 +5,9 @@ One home for loading, exporting and running a model's forward pass. A backend ta
 a cross-encoder's logits [n, num_labels], or a bi-encoder's mean-pooled, L2-normalised embedding [n, dim].
 
 - `check_backend(config, device)` is the plan-time check: every (backend, dtype, device) either passes or raises
-  a one-line ConfigError saying why and what to use instead; soft problems come back as warnings.
+  a one-line ConfigError saying why and what to use instead; soft problems come back as warnings. It runs on the
+  device the model will use: `planned_device` before Ray starts (None when a cluster's workers decide), then
+  `actor_device` once the actors' or replicas' GPUs are known.
 - Exports (ONNX, OpenVINO IR) and quantisation run once per (model fingerprint, kind, backend, dtype) into a
   cache folder (`model.cache_dir`, else $RERANK_CACHE_DIR, else ~/.cache/rerank), under a file lock so that
   concurrent actors wait for one export instead of racing.
