@@ -5,9 +5,10 @@ One home for loading, exporting and running a model's forward pass. A backend ta
 a cross-encoder's logits [n, num_labels], or a bi-encoder's mean-pooled, L2-normalised embedding [n, dim].
 
 - `check_backend(config, device)` is the plan-time check: every (backend, dtype, device) either passes or raises
-  a one-line ConfigError saying why and what to use instead; soft problems come back as warnings. It runs on the
-  device the model will use: `planned_device` before Ray starts (None when a cluster's workers decide), then
-  `actor_device` once the actors' or replicas' GPUs are known.
+  a one-line ConfigError saying why and what to use instead; soft problems come back as warnings.
+  `check_model_on` runs it on the device the model will use: `planned_device` before Ray starts (None when a
+  cluster's workers decide: then only what no device runs is refused), then `actor_device` once the actors' or
+  replicas' GPUs are known.
 - Exports (ONNX, OpenVINO IR) and quantisation run once per (model fingerprint, kind, backend, dtype) into a
   cache folder (`model.cache_dir`, else $RERANK_CACHE_DIR, else ~/.cache/rerank), under a file lock so that
   concurrent actors wait for one export instead of racing.
@@ -133,17 +134,18 @@ def check_backend(config: ModelConfig, device: torch.device) -> list[str]:
     raise ConfigError(f"unknown model.backend {backend!r}; use torch, onnx or openvino")
 
 
-def planned_device(config: ModelConfig) -> torch.device | None:
+def planned_device(config: ModelConfig, on_cluster: bool | None = None) -> torch.device | None:
     """The device the model will run on, as far as this process can tell before Ray starts: model.device when
-    set; with auto, CUDA when this machine has it, else the CPU of a local Ray's actors. None when it cannot tell:
-    auto, no GPU here, and the job joins a cluster (RAY_ADDRESS), whose workers may have GPUs this head lacks."""
+    set; with auto, this machine's (CUDA when present) for a local Ray. None when the workers of a cluster decide:
+    auto, and the job runs on a cluster (`on_cluster`; by default, when RAY_ADDRESS is set), whose workers may
+    have GPUs this machine lacks, or none."""
     from pipelines.ray_runtime import joins_cluster
 
     if config.device != "auto":
         return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return None if joins_cluster() else torch.device("cpu")
+    if joins_cluster() if on_cluster is None else on_cluster:
+        return None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def actor_device(config: ModelConfig, gpus: float) -> torch.device:
@@ -159,11 +161,14 @@ def actor_device(config: ModelConfig, gpus: float) -> torch.device:
     return torch.device(config.device)
 
 
-def check_model_config(config: ModelConfig, device: torch.device | None = None) -> None:
-    """check_backend on `device`, else on planned_device (entry points call it before starting Ray): refusals
-    raise, warnings are logged. When the device is not known yet, only what no device can run is refused; the
-    model's own process checks again on its device when it loads."""
-    device = device or planned_device(config)
+def check_model_config(config: ModelConfig) -> None:
+    """What entry points call before starting Ray: check_model_on the planned device."""
+    check_model_on(config, planned_device(config))
+
+
+def check_model_on(config: ModelConfig, device: torch.device | None) -> None:
+    """check_backend on `device`: refusals raise, warnings are logged. None (the device is not known yet) refuses
+    only what no device can run; the model's own process checks again on its device when it loads."""
     if device is None:
         refusals = []
         for candidate in ("cpu", "cuda"):

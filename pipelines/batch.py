@@ -523,13 +523,15 @@ class JobPlan:
         return self.state == COMPLETE and self.config.output.mode == "resume"
 
 
-def plan_rerank(config: RerankJobConfig) -> JobPlan:
-    """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem."""
+def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobPlan:
+    """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem.
+    `on_cluster`: the job will run on a cluster (default: RAY_ADDRESS is set), so with model.device auto the
+    device is the actors', checked once they are known."""
     from pipelines.scoring import describe_model
 
     storage, files, layout, schema = inspect_input(config)
     corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
-    model = describe_model(config.model)
+    model = describe_model(config.model, on_cluster)
     out_storage = Storage.for_uri(config.output.uri, config.storage)
     out_path = out_storage.path(config.output.uri)
     if out_storage.protocol == storage.protocol:
@@ -601,7 +603,7 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
     from pipelines.scoring import max_batch_tokens
 
     device = backends.actor_device(config.model, scale["num_gpus_per_actor"])
-    backends.check_model_config(config.model, device)  # on the actors' device, before any of them starts
+    backends.check_model_on(config.model, device)  # on the actors' device, before any of them starts
     model = plan.model | {"device": str(device), "max_batch_tokens": max_batch_tokens(config.model, device)}
     layout = plan.layout
     if manifest is None:

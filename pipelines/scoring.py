@@ -148,13 +148,13 @@ def max_batch_tokens(config: ModelConfig, device: torch.device) -> int:
     return int(config.max_batch_tokens)
 
 
-def describe_model(config: ModelConfig, device: torch.device | None = None) -> dict:
+def describe_model(config: ModelConfig, on_cluster: bool | None = None) -> dict:
     """Name, kind and revision (or content hash) of a model, validated but not loaded: an unsupported
-    backend/dtype/device combination is a ConfigError here, before any cluster time is spent. `device` defaults
-    to backends.planned_device; None there (a cluster's actors may have GPUs this process lacks) leaves the
-    device-specific check to `describe_model(config, actor_device)` once the actors' GPUs are known."""
-    device = device or backends.planned_device(config)
-    backends.check_model_config(config, device)
+    backend/dtype/device combination is a ConfigError here, before any cluster time is spent. On a cluster
+    (`on_cluster`, see backends.planned_device) with model.device auto, the device-specific part waits for the
+    actors' device (the batch job checks it once their GPUs are known)."""
+    device = backends.planned_device(config, on_cluster)
+    backends.check_model_on(config, device)
     _, num_labels = load_tokenizer_and_labels(config)
     return {
         "name_or_path": config.name_or_path,

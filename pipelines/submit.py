@@ -118,7 +118,7 @@ def check_config(kind: str, config_path: str | Path, overrides: list[str], *, re
         from pipelines.batch import plan_rerank
 
         try:
-            plan_rerank(config)
+            plan_rerank(config, on_cluster=True)  # the cluster's workers, not this machine, run the model
         except RerankError as err:
             raise type(err)(f"{err} (checked from this machine; --no-check submits without this check)") from None
     return config

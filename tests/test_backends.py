@@ -163,6 +163,7 @@ def test_a_cluster_job_is_checked_on_its_actors_device(tiny_cross_encoder, monke
     assert backends.planned_device(fp16) == torch.device("cpu")  # a local Ray: the actors are on this machine
     with pytest.raises(ConfigError, match="no fast float16 CPU kernels"):
         describe_model(fp16)
+    assert describe_model(fp16, on_cluster=True)["device"] == "auto (the actors')"  # as `rerank submit` plans
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert backends.planned_device(fp16) is None
     info = describe_model(fp16)  # float16 runs on the workers' GPUs
@@ -176,9 +177,9 @@ def test_a_cluster_job_is_checked_on_its_actors_device(tiny_cross_encoder, monke
     assert backends.actor_device(fp16, 0.0) == torch.device("cpu")
     with pytest.raises(ConfigError, match="the actors get no GPU"):
         backends.actor_device(fp16.model_copy(update={"device": "cuda"}), 0.0)
-    backends.check_model_config(fp16, torch.device("cuda"))
+    backends.check_model_on(fp16, torch.device("cuda"))
     with pytest.raises(ConfigError, match="no fast float16 CPU kernels"):
-        backends.check_model_config(fp16, backends.actor_device(fp16, 0.0))
+        backends.check_model_on(fp16, backends.actor_device(fp16, 0.0))
 
 
 def test_float16_openvino_refused_without_native_support(tiny_cross_encoder, monkeypatch):

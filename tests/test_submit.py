@@ -124,6 +124,9 @@ def test_user_errors_are_one_line(tmp_path, tiny_cross_encoder):
         (["--set", "input.uri=data/in"], "input.uri=data/in is a relative local path"),
         (["--set", f"input.uri={tmp_path}/nothing"], "(checked from this machine; --no-check submits"),
         ([], f"nothing answers at {nobody}"),
+        # float16 is for the cluster's GPUs, not this machine's CPU: the plan passes it, so only the address fails
+        (["--set", "model.dtype=float16"], f"nothing answers at {nobody}"),
+        (["--set", "model.backend=onnx", "--set", "model.dtype=float16"], "no fast float16 matmul"),  # no device
     ]
     if not submit.can_resume():
         cases.append((["--resume"], "--resume needs a batch job that can resume"))

@@ -129,11 +129,11 @@ def start_service(config: ServeAppConfig):
     Ray must already be connected (entry points do that)."""
     from ray import serve
 
-    from pipelines.backends import actor_device, check_model_config
+    from pipelines.backends import actor_device, check_model_on
     from pipelines.serve.app import replica_gpus
 
     # On the replicas' device, known now that Ray runs: a head without GPUs may deploy float16 replicas on GPUs.
-    check_model_config(config.model, actor_device(config.model, replica_gpus(config)))
+    check_model_on(config.model, actor_device(config.model, replica_gpus(config)))
     s = config.serve
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
     try:
