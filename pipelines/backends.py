@@ -156,7 +156,8 @@ def actor_device(config: ModelConfig, gpus: float) -> torch.device:
     if config.device.startswith("cuda") and gpus <= 0:
         raise ConfigError(
             f"model.device is {config.device} but the actors get no GPU (the cluster has none, or "
-            "num_gpus_per_actor is 0): use model.device auto or cpu, or give the actors GPUs"
+            "scale.num_gpus_per_actor / serve.num_gpus_per_replica is 0): use model.device auto or cpu, or give "
+            "them GPUs"
         )
     return torch.device(config.device)
 
