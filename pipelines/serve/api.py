@@ -12,7 +12,8 @@ two-label model the softmax probability of the positive class) and (cosine + 1) 
 are ranked by the raw score, best first; ties keep input order.
 
 Unknown request fields are ignored (clients send API-specific extras such as ``rank_fields``); known fields are
-validated and a bad one is answered 4xx with a message that names it.
+validated and a bad one is answered 4xx with a message that names it, a text UTF-8 cannot encode (a lone
+surrogate) included. Every error has the body of ``ApiError.body``.
 """
 
 from __future__ import annotations
@@ -161,6 +162,42 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
     return ApiError(422, msg.removeprefix("Value error, ").replace("Input should be", "must be"), field=field)
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why text cannot be encoded as UTF-8 (a lone surrogate, e.g. from a JSON escape ``"\\ud800"`` without its
+    pair), or None. The tokenizer, the model and the response all need UTF-8, so such a text is refused up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"character {err.start} is a lone surrogate (U+{ord(text[err.start]):04X}), which UTF-8 cannot encode: "
+            "send text as UTF-8, and pair each \\uD800-\\uDBFF escape with a \\uDC00-\\uDFFF one"
+        )
+    return None
+
+
+def http_error(status: int, detail: Any, cause: BaseException | None) -> ApiError:
+    """Starlette/FastAPI's own HTTP errors (a body FastAPI could not parse, an unknown path or method) -> the
+    documented body. FastAPI answers every body it cannot parse 400 "There was an error parsing the body" and
+    chains the real cause, which names the problem here."""
+    if isinstance(cause, UnicodeDecodeError):
+        return ApiError(
+            400,
+            f"the request body is not valid UTF-8 (byte {cause.start}: {cause.reason}); send JSON encoded as UTF-8",
+            error_type="malformed_json",
+        )
+    if isinstance(cause, RecursionError):
+        return ApiError(
+            400,
+            "the request body's JSON is nested too deeply to parse; send a flatter request",
+            error_type="malformed_json",
+        )
+    if status == 400:
+        return ApiError(400, f"the request body could not be parsed as JSON: {detail}", error_type="malformed_json")
+    kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    message = {404: "no such endpoint: see /docs", 405: "method not allowed on this endpoint: see /docs"}
+    return ApiError(status, message.get(status, str(detail)), error_type=kinds.get(status, "http_error"))
+
+
 def check_texts(
     query: str,
     texts: list[str],
@@ -171,7 +208,10 @@ def check_texts(
     max_documents: int,
     max_text_chars: int,
 ) -> None:
-    """The request-independent rules: non-empty query and documents, and the size limits."""
+    """The request-independent rules: text UTF-8 can encode, non-empty query and documents, and the size
+    limits. Run before a request joins a batch, so a bad one never reaches the model with other requests."""
+    if problem := utf8_problem(query):
+        raise ApiError(422, problem, field=query_field)
     if not query.strip():
         raise ApiError(422, "must not be empty", field=query_field)
     if len(query) > max_text_chars:
@@ -191,6 +231,8 @@ def check_texts(
             error_type="payload_too_large",
         )
     for i, text in enumerate(texts):
+        if problem := utf8_problem(text):
+            raise ApiError(422, problem, field=f"{texts_field}[{i}]{item_suffix}")
         if not text.strip():
             raise ApiError(422, "must not be empty", field=f"{texts_field}[{i}]{item_suffix}")
         if len(text) > max_text_chars:

@@ -4,7 +4,9 @@ Each replica loads one ``Scorer`` (the batch job's scoring code, with ``activati
 the batch job's number) before Serve routes anything to it. A request is validated, split into chunks, and the
 chunks of all waiting requests are scored together by ``@serve.batch`` up to ``serve.max_batch_pairs`` pairs and
 the model's token budget (``model.max_batch_tokens`` padded tokens, estimated from characters) per model call, so
-many small requests share a call and one large request spreads over several.
+many small requests share a call and one large request spreads over several. A request is checked whole before
+it joins a batch; if the model still raises on a batch, its requests are scored again in halves, so only the
+request it fails on gets a 500 (every error in the documented body of ``pipelines.serve.api.ApiError``).
 
 Overload is refused, never queued without bound: the proxy answers 503 + Retry-After past
 ``serve.max_queued_requests`` waiting requests, and a replica answers the same past ``serve.max_queued_pairs``
@@ -28,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.config import ServeAppConfig
 from pipelines.serve.api import (
@@ -38,6 +41,7 @@ from pipelines.serve.api import (
     check_texts,
     cohere_response,
     cosine_to_unit,
+    http_error,
     nim_response,
     tei_response,
     validation_error,
@@ -75,6 +79,23 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(err.body(), status_code=err.status)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (a body it cannot parse: invalid UTF-8, JSON nested too deeply; unknown path or
+    method) in the documented body instead of ``{"detail": ...}``."""
+    err = http_error(exc.status_code, exc.detail, exc.__cause__)
+    return JSONResponse(err.body(), status_code=err.status, headers=dict(exc.headers or {}))
+
+
+def _internal_error(request: Request, err: BaseException) -> JSONResponse:
+    """An unexpected error in a route: 500 in the documented body (Starlette's default is plain text)."""
+    log.error("%s %s failed: %r", request.method, request.url.path, err, exc_info=err)
+    body = ApiError(
+        500, f"internal error ({type(err).__name__}); the replica's log has the details", error_type="internal"
+    ).body()
+    return JSONResponse(body, status_code=500)
+
+
 @app.middleware("http")
 async def _auth_and_metrics(request: Request, call_next):
     start = time.perf_counter()
@@ -97,7 +118,10 @@ async def _auth_and_metrics(request: Request, call_next):
             headers={"WWW-Authenticate": "Bearer"},
         )
     else:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as err:  # noqa: BLE001 - anything a route raised: answered, never a bare 500
+            response = _internal_error(request, err)
     metrics = getattr(state, "metrics", None)
     if metrics is not None:
         metrics.requests.inc(tags={"api": api, "status": str(response.status_code)})
@@ -293,7 +317,14 @@ class RerankService:
         if self._unhealthy:
             body = {"status": "unhealthy", "model": self.model_name, "message": self._unhealthy}
             return JSONResponse(body, status_code=503, headers=_retry_after(self.config.serve.retry_after_s))
-        return {"status": "ok", "model": self.model_name}
+        info = self.scorer.info  # the backend and precision in use; backend_choice: what auto chose and why
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "backend": info.backend,
+            "dtype": info.dtype,
+            "backend_choice": info.backend_choice,
+        }
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -462,6 +493,13 @@ class RerankService:
             )
         finally:
             self._pending_pairs -= n
+        failed = next((p for p in parts if isinstance(p, BaseException)), None)
+        if failed is not None:  # the model raised on this request alone (logged by _score_isolated)
+            raise ApiError(
+                500,
+                f"the model failed on this request ({type(failed).__name__}); the replica's log has the details",
+                error_type="internal",
+            )
         out = np.concatenate(parts)
         if self.kind == "bi-encoder":
             return out[:, 0], cosine_to_unit(out[:, 0])
@@ -473,7 +511,34 @@ class RerankService:
         return self.scorer.logits(queries, passages)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_batch_cost)
-    async def _score_chunks(self, chunks: list[_Chunk]) -> list[np.ndarray]:
+    async def _score_chunks(self, chunks: list[_Chunk]) -> list[np.ndarray | Exception]:
+        """Each chunk's scores, or the error the model raised on its request alone: never raises, so one
+        request's failure never fails the other requests of the batch."""
+        return await self._score_isolated(chunks)
+
+    async def _score_isolated(self, chunks: list[_Chunk]) -> list[np.ndarray | Exception]:
+        """One model call for all chunks; if it raises, their requests are scored again in two halves (and so on),
+        so a request the model fails on gets its own error and every other request its own scores, in a few
+        more calls (about 2 log2 of the requests in the batch for one bad request)."""
+        try:
+            scores = await self._model_call(chunks)
+        except Exception as err:  # noqa: BLE001 - handed to the request(s) it belongs to
+            ids = list(dict.fromkeys(c.request_id for c in chunks))
+            if len(ids) == 1:
+                log.error("the model failed on request %d (%d pairs): %r", ids[0], _pairs_in(chunks), err)
+                return [err] * len(chunks)
+            first = set(ids[: len(ids) // 2])
+            halves = [[i for i, c in enumerate(chunks) if (c.request_id in first) == side] for side in (True, False)]
+            results: list[np.ndarray | Exception] = [err] * len(chunks)
+            for half in halves:
+                for i, result in zip(half, await self._score_isolated([chunks[i] for i in half]), strict=True):
+                    results[i] = result
+            return results
+        ends = np.cumsum([len(c.texts) for c in chunks])
+        return [scores[end - len(c.texts) : end] for c, end in zip(chunks, ends, strict=True)]
+
+    async def _model_call(self, chunks: list[_Chunk]) -> np.ndarray:
+        """The model's outputs for all pairs of the chunks, in order, in one call on the model thread."""
         queries = [c.query for c in chunks for _ in c.texts]
         passages = [t for c in chunks for t in c.texts]
         loop = asyncio.get_running_loop()
@@ -497,11 +562,7 @@ class RerankService:
         m.batch_pairs.observe(len(passages))
         m.batch_requests.observe(n_requests)
         m.pairs.inc(len(passages))
-        out, start = [], 0
-        for c in chunks:
-            out.append(scores[start : start + len(c.texts)])
-            start += len(c.texts)
-        return out
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------- building
