@@ -45,15 +45,26 @@ import pyarrow.parquet as pq
 
 from pipelines import records
 from pipelines.config import ModelConfig, RerankJobConfig, StorageConfig
-from pipelines.errors import InputError, OutputError, RerankError
-from pipelines.progress import COMPLETE, EMPTY, FOREIGN, INCOMPLETE, Progress, differences
+from pipelines.errors import ConfigError, InputError, OutputError, RerankError
+from pipelines.progress import (
+    COMPLETE,
+    EMPTY,
+    FOREIGN,
+    INCOMPLETE,
+    Lease,
+    Progress,
+    describe_holder,
+    differences,
+    input_changes,
+    live_lease,
+)
 from pipelines.records import FLAT, PACKED, InputLayout
-from pipelines.storage import Storage
+from pipelines.storage import FileInfo, Storage
 
 log = logging.getLogger(__name__)
 
 BUCKET_BYTES = 256 * 1024**2  # input bytes per reduce bucket (the partials are a fraction of the input)
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: input files identified by content (S3 ETag; local size, mtime and footer hash)
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # one scoring, one queued: an actor never waits for the driver
 
 
@@ -86,6 +97,9 @@ class JobSummary:
     #: (first unit handed out to last commit), reduce_s.
     timings_s: dict[str, float] = field(default_factory=dict)
     scale: dict[str, Any] = field(default_factory=dict)
+    #: What shaped the output (the manifest's record, see `job_fingerprint`): a resume of this finished job must
+    #: match it, or it is refused.
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def one_line(self) -> str:
         rej = (
@@ -168,7 +182,8 @@ def read_unit(storage: Storage, unit: Unit, columns: list[str]) -> pa.Table:
                     break
             schema = pf.schema_arrow
         schema = pa.schema([schema.field(c) for c in columns])
-        return pa.Table.from_batches(parts, schema=schema) if parts else schema.empty_table()
+        table = pa.Table.from_batches(parts, schema=schema) if parts else schema.empty_table()
+        return records.decode_dictionaries(table)
     except Exception as err:  # noqa: BLE001 - a damaged file or a storage failure: name the file either way
         first = (str(err).strip().splitlines() or [""])[0]
         raise InputError(
@@ -367,14 +382,20 @@ def _schemas(storage: Storage, files: list[str]) -> list[pa.Schema]:
         return list(pool.map(storage.read_schema, files))
 
 
-def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[tuple[str, int]], InputLayout, pa.Schema]:
+def _identities(storage: Storage, files: list[FileInfo]) -> dict[str, str]:
+    """Each input file's content identity (see `Storage.identity`), by path: what a resume compares."""
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
+        return dict(zip([f.path for f in files], pool.map(storage.identity, files)))
+
+
+def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[FileInfo], InputLayout, pa.Schema]:
     """List the input files and check that every one has the same usable layout."""
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
     storage = Storage.for_uri(uris[0], config.storage)
     if any(Storage.for_uri(u, config.storage).protocol != storage.protocol for u in uris):
         raise InputError("input.uri mixes storage schemes; give paths on one storage")
     files = storage.list_parquet(uris)
-    paths = [p for p, _ in files]
+    paths = [f.path for f in files]
     schemas = _schemas(storage, paths)
     corpus = config.input.corpus_uri is not None
     layout = records.detect_layout(schemas[0], storage.uri(paths[0]), corpus)
@@ -382,17 +403,18 @@ def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[tuple[str, int
         other = records.detect_layout(schema, storage.uri(path), corpus)
         if other != layout:
             raise InputError(
-                f"{storage.uri(path)} does not match {storage.uri(paths[0])}: {other} vs {layout}; "
-                "all input files must share one layout and id types"
+                f"{storage.uri(path)} does not match {storage.uri(paths[0])}: "
+                f"{'; '.join(records.layout_differences(layout, other, storage.uri(paths[0]), storage.uri(path)))}; "
+                "all input files must share one layout and column types"
             )
     return storage, files, layout, schemas[0]
 
 
-def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[tuple[str, int]]]:
+def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[FileInfo]]:
     """Check the corpus files' columns, and that no doc_id appears twice (a pair would join two texts)."""
     storage = Storage.for_uri(config.input.corpus_uri, config.storage)
     files = storage.list_parquet(config.input.corpus_uri)
-    paths = [p for p, _ in files]
+    paths = [f.path for f in files]
     for path, schema in zip(paths, _schemas(storage, paths)):
         records.check_corpus(schema, storage.uri(path), layout.doc_id_type)
     ids = pa.chunked_array(
@@ -471,18 +493,39 @@ def _num_buckets(config: RerankJobConfig, total_bytes: int) -> int:
     return max(1, min(128, math.ceil(total_bytes / BUCKET_BYTES)))
 
 
-def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: list[tuple[str, int]]) -> dict[str, Any]:
-    """What shapes a job's output: a resume must match it. Scale, Ray, storage credentials and output.mode do
-    not change the results, so they may differ."""
+def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
+    """What shapes a job's output: a resume must match it. Scale, Ray, storage settings, output.mode and the
+    lease timeout do not change the results, so they may differ. `inputs`: each input file's content identity."""
     data = config.model_dump(mode="json")
     for section in ("scale", "ray", "storage"):
         data.pop(section, None)
     data["output"].pop("mode", None)
+    data["output"].pop("lease_timeout_s", None)
     data["input"].pop("uri", None)  # the files themselves are compared
     data["model"].pop("num_threads", None)
     data["model_revision"] = model.get("revision")
-    data["input_files"] = {p: size for p, size in inputs}
+    data["input_files"] = dict(sorted(inputs.items()))
     return data
+
+
+def _refuse_changed_job(
+    uri: str, recorded: dict[str, Any], fingerprint: dict[str, Any], storage: Storage, finished: bool
+) -> None:
+    """Raise OutputError if the job recorded in the output differs from this one (config or input content)."""
+    what = "the finished job" if finished else "the job"
+    files = input_changes(recorded.get("input_files", {}), fingerprint["input_files"], storage.uri)
+    rest = differences(
+        {k: v for k, v in recorded.items() if k != "input_files"},
+        {k: v for k, v in fingerprint.items() if k != "input_files"},
+    )
+    diff = files + rest
+    if not diff:
+        return
+    more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+    raise OutputError(
+        f"cannot resume {uri}: this job differs from {what} recorded there: {'; '.join(diff[:3])}{more}; use the "
+        "same config and input, or output.mode=overwrite to start over (or pick a new output.uri)"
+    )
 
 
 def _input_roots(storage: Storage, uris: str | list[str]) -> list[str]:
@@ -500,10 +543,10 @@ class JobPlan:
 
     config: RerankJobConfig
     storage: Storage
-    files: list[tuple[str, int]]
+    files: list[FileInfo]
     layout: InputLayout
     schema: pa.Schema
-    corpus: tuple[Storage, list[tuple[str, int]]] | None
+    corpus: tuple[Storage, list[FileInfo]] | None
     model: dict[str, Any]
     out_storage: Storage
     out_path: str
@@ -512,7 +555,7 @@ class JobPlan:
 
     @property
     def paths(self) -> list[str]:
-        return [p for p, _ in self.files]
+        return [f.path for f in self.files]
 
     @property
     def progress(self) -> Progress:
@@ -535,9 +578,9 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     out_storage = Storage.for_uri(config.output.uri, config.storage)
     out_path = out_storage.path(config.output.uri)
     if out_storage.protocol == storage.protocol:
-        protect = [p for p, _ in files] + _input_roots(storage, config.input.uri)
+        protect = [f.path for f in files] + _input_roots(storage, config.input.uri)
         if corpus:
-            protect += [p for p, _ in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
+            protect += [f.path for f in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
         for other in protect:
             o = other.rstrip("/")
             if o == out_path or o.startswith(out_path + "/") or out_path.startswith(o + "/"):
@@ -551,7 +594,16 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
         raise OutputError(f"cannot access output {config.output.uri}: {type(err).__name__}: {err}") from None
     mode = config.output.mode
-    fingerprint = job_fingerprint(config, model, files + (corpus[1] if corpus else []))
+    holder = live_lease(progress, config.output.lease_timeout_s) if state != EMPTY else None
+    if holder is not None:
+        raise OutputError(
+            f"output {config.output.uri} is in use by another run ({describe_holder(holder, holder['age_s'])}); "
+            "wait for it to finish, or stop it; one job writes one output folder at a time"
+        )
+    identities = _identities(storage, files)
+    if corpus:
+        identities |= _identities(corpus[0], corpus[1])
+    fingerprint = job_fingerprint(config, model, identities)
     if mode == "error" and state == INCOMPLETE:
         raise OutputError(
             f"output {config.output.uri} holds {progress.describe_incomplete()}: finish it with --resume "
@@ -568,14 +620,23 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
             "pick a new output.uri"
         )
     if mode == "resume" and state == INCOMPLETE:
-        recorded = (progress.read_manifest() or {}).get("fingerprint", {})
-        diff = differences(recorded, fingerprint)
-        if diff:
+        manifest = progress.read_manifest()
+        if manifest is not None:
+            if manifest.get("version") != MANIFEST_VERSION:
+                raise OutputError(
+                    f"cannot resume {config.output.uri}: its work folder was written by another version of rerank "
+                    f"(manifest version {manifest.get('version')}, this one writes {MANIFEST_VERSION}); start over "
+                    "with output.mode=overwrite"
+                )
+            _refuse_changed_job(config.output.uri, manifest.get("fingerprint", {}), fingerprint, storage, False)
+    if mode == "resume" and state == COMPLETE:
+        recorded = (progress.read_summary() or {}).get("fingerprint")
+        if not recorded:
             raise OutputError(
-                f"cannot resume {config.output.uri}: the job differs from the one recorded there: {'; '.join(diff[:3])}"
-                f"{f' (and {len(diff) - 3} more)' if len(diff) > 3 else ''}; use the same config, or "
-                "output.mode=overwrite to start over"
+                f"cannot resume {config.output.uri}: its finished job does not record what produced it (written by "
+                "an older rerank), so it cannot be checked against this one; use output.mode=overwrite to redo it"
             )
+        _refuse_changed_job(config.output.uri, recorded, fingerprint, storage, True)
     if not (mode == "resume" and state == COMPLETE):
         progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
         out_storage.check_writable(progress_dir)
@@ -586,18 +647,21 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
 
 
 def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSummary:
-    """Run (or resume) one reranking job. Ray must already be initialised by the caller."""
+    """Run (or resume) one reranking job. Ray must already be initialised by the caller.
+
+    S3 keys in ``config.storage`` are refused: Ray workers get credentials from their environment or the AWS
+    credential chain, never as task or actor arguments (``rerank run`` moves keys from a config file into the
+    environment of the local Ray it starts)."""
     started = time.perf_counter()
+    if config.storage.has_credentials:
+        raise ConfigError(credentials_error())
     plan = plan or plan_rerank(config)
     progress = plan.progress
     if plan.already_complete:
         recorded = progress.read_summary() or {}
         log.info("rerank: %s is already complete; nothing to do", config.output.uri)
         return JobSummary.from_dict(recorded | {"output_uri": config.output.uri})
-    if config.output.mode == "overwrite" and plan.state != EMPTY:
-        progress.clear_all()
-
-    manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
+    # One job per output folder, from before the first write to the last: refused if another run holds it.
     scale = resolve_scale(config)
     from pipelines import backends
     from pipelines.scoring import max_batch_tokens
@@ -605,9 +669,34 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
     device = backends.actor_device(config.model, scale["num_gpus_per_actor"])
     backends.check_model_on(config.model, device)  # on the actors' device, before any of them starts
     model = plan.model | {"device": str(device), "max_batch_tokens": max_batch_tokens(config.model, device)}
+    lease = Lease(progress, config.output.lease_timeout_s)
+    lease.acquire(takeover=config.output.mode in ("resume", "overwrite"))
+    try:
+        return _run_leased(config, plan, lease, started, scale, model)
+    finally:
+        lease.release()
+
+
+def credentials_error() -> str:
+    names = ", ".join(f"storage.{k} ({v})" for k, v in StorageConfig.CREDENTIAL_ENV.items())
+    return (
+        f"S3 keys in the config ({names}) are not sent to Ray workers: set the environment variables named here "
+        "(or AWS_PROFILE, an instance role or IRSA) where the job runs; `rerank run` on a local Ray moves them "
+        "there for you, a job on a cluster needs them in the cluster's environment (e.g. a Kubernetes Secret)"
+    )
+
+
+def _run_leased(
+    config: RerankJobConfig, plan: JobPlan, lease: Lease, started: float, scale: dict[str, Any], model: dict[str, Any]
+) -> JobSummary:
+    progress = plan.progress
+    if config.output.mode == "overwrite" and plan.state != EMPTY:
+        progress.clear_all()
+
+    manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
     layout = plan.layout
     if manifest is None:
-        buckets = _num_buckets(config, sum(s for _, s in plan.files))
+        buckets = _num_buckets(config, sum(f.size for f in plan.files))
         manifest = {"version": MANIFEST_VERSION, "fingerprint": plan.fingerprint, "buckets": buckets, "units": None}
         progress.write_manifest(manifest)
     buckets = manifest["buckets"]
@@ -678,6 +767,8 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
             "units_by_node": dict(collections.Counter(c.get("node", "") for c in commits.values())),
         },
     )
+    summary.fingerprint = plan.fingerprint
+    lease.check()  # a run that lost the output folder to another must not touch its results
     reduce_started = time.perf_counter()
     _reduce(plan, layout, buckets, commits, summary)
     timings["reduce_s"] = time.perf_counter() - reduce_started
@@ -685,7 +776,7 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
     summary.wall_time_s = round(time.perf_counter() - started, 3)
     scored_now = sum(commits[u.uid]["pairs_scored"] for u in todo)
     summary.pairs_per_s = round(scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
-    progress.finish(summary.to_dict())
+    progress.finish(summary.to_dict(), lease)
     return summary
 
 
@@ -713,7 +804,7 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
     ds = ds.map_batches(_flatten_for_join, batch_format="pyarrow", fn_kwargs={"layout": layout})
     corpus_storage, corpus_files = plan.corpus
     docs = ray.data.read_parquet(
-        [p for p, _ in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
+        [f.path for f in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
     ).map_batches(_cast_corpus, batch_format="pyarrow", fn_kwargs={"doc_id_type": layout.doc_id_type})
     ds = ds.join(docs, join_type="left_outer", num_partitions=max(2, partitions), on=("doc_id",))
     ds = ds.map_batches(
@@ -725,12 +816,13 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
         ds.write_parquet(plan.out_storage.uri(joined), filesystem=plan.out_storage.arrow_fs)
     except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
         raise _as_input_error(err) from None
-    return plan.out_storage, [p for p, _ in plan.out_storage.list_parquet(plan.out_storage.uri(joined))]
+    return plan.out_storage, [f.path for f in plan.out_storage.list_parquet(plan.out_storage.uri(joined))]
 
 
 def _flatten_for_join(batch: pa.Table, *, layout: InputLayout) -> pa.Table:
     """Packed rows to one row per candidate; a query without candidates keeps one row, marked `_no_candidates`
     (it becomes a no_candidates reject after the join)."""
+    batch = records.decode_dictionaries(batch)
     if layout.layout != PACKED:
         return batch
     flat, empty = records.explode_packed(batch, layout)

@@ -33,11 +33,54 @@ OPTIONAL_COLUMNS = ("first_stage_rank", "first_stage_score")
 
 
 def _is_id_type(t: pa.DataType) -> bool:
+    t = plain_type(t)
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _is_text_type(t: pa.DataType) -> bool:
+    t = plain_type(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """A type with every dictionary encoding (pandas categoricals, many writers) replaced by its values' type,
+    inside lists and structs too: the input is read as if it had been written plain."""
+    if pa.types.is_dictionary(t):
+        return plain_type(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        value = t.value_field.with_type(plain_type(t.value_type))
+        return pa.list_(value) if pa.types.is_list(t) else pa.large_list(value)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(plain_type(f.type)) for f in t])
+    return t
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """The table with dictionary-encoded columns (at any depth) decoded to plain values."""
+    plain = pa.schema([f.with_type(plain_type(f.type)) for f in table.schema])
+    return table if plain.equals(table.schema) else table.cast(plain)
+
+
+def layout_differences(a: InputLayout, b: InputLayout, where_a: str, where_b: str) -> list[str]:
+    """What differs between two files' layouts, field by field, for an error message."""
+    names = {
+        "layout": "layout",
+        "query_id_type": "query_id type",
+        "doc_id_type": "doc_id type",
+        "has_text": "a text column",
+        "has_first_stage_rank": "a first_stage_rank column",
+        "has_first_stage_score": "a first_stage_score column",
+    }
+    out = []
+    for key, label in names.items():
+        va, vb = getattr(a, key), getattr(b, key)
+        if va != vb:
+            if isinstance(va, bool):
+                has, lacks = (where_a, where_b) if va else (where_b, where_a)
+                out.append(f"{has} has {label} and {lacks} has none")
+            else:
+                out.append(f"{label} is {va} in {where_a} but {vb} in {where_b}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,6 +134,7 @@ def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
         raise InputError(
             f"{where}: no text in {source}; add a text column or set input.corpus_uri to join it from a corpus"
         )
+    fields = {n: plain_type(t) for n, t in fields.items()}
     if "first_stage_rank" in fields and not pa.types.is_integer(fields["first_stage_rank"]):
         raise InputError(f"{where}: first_stage_rank must be an integer, not {fields['first_stage_rank']}")
     if "first_stage_score" in fields and not (
@@ -99,8 +143,8 @@ def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
         raise InputError(f"{where}: first_stage_score must be numeric, not {fields['first_stage_score']}")
     return InputLayout(
         layout=layout,
-        query_id_type=schema.field("query_id").type,
-        doc_id_type=fields["doc_id"],
+        query_id_type=plain_type(schema.field("query_id").type),
+        doc_id_type=plain_type(fields["doc_id"]),
         has_text=has_text,
         has_first_stage_rank="first_stage_rank" in fields,
         has_first_stage_score="first_stage_score" in fields,
@@ -112,7 +156,7 @@ def check_corpus(schema: pa.Schema, where: str, doc_id_type: pa.DataType) -> Non
     for col in ("doc_id", "text"):
         if col not in names:
             raise InputError(f"{where}: corpus is missing column {col!r} (found {sorted(names)})")
-    t = schema.field("doc_id").type
+    t = plain_type(schema.field("doc_id").type)
     if pa.types.is_integer(t) != pa.types.is_integer(doc_id_type) or not _is_id_type(t):
         raise InputError(f"{where}: corpus doc_id is {t} but the candidates' doc_id is {doc_id_type}; they must match")
     if not _is_text_type(schema.field("text").type):

@@ -7,6 +7,7 @@ sets them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -33,6 +34,32 @@ _GLOB_CHARS = set("*?[")
 def _is_hidden(path: str, root: str) -> bool:
     rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
     return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def is_parquet_name(path: str) -> bool:
+    return path.lower().endswith(".parquet")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file: its path, size and version (S3: ETag and version id; local: modification time)."""
+
+    path: str
+    size: int
+    version: str = ""
+
+
+def _version_of(info: dict[str, Any]) -> str:
+    parts = []
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        parts.append(f"etag={str(etag).strip(chr(34))}")
+    if info.get("VersionId"):
+        parts.append(f"version_id={info['VersionId']}")
+    mtime = info.get("mtime")
+    if not parts and mtime is not None:
+        parts.append(f"mtime={mtime!r}")
+    return ";".join(parts)
 
 
 def _short(err: BaseException) -> str:
@@ -85,40 +112,90 @@ class Storage:
 
     # ------------------------------------------------------------------ reading
 
-    def list_parquet(self, uris: str | list[str]) -> list[tuple[str, int]]:
-        """Resolve a folder, a glob or a list of files into (path, size) pairs, sorted; hidden names skipped."""
-        found: dict[str, int] = {}
+    def list_parquet(self, uris: str | list[str]) -> list[FileInfo]:
+        """Resolve a folder, a glob or a list of files into their Parquet files, sorted; hidden names skipped. In a
+        folder, names ending in .parquet in any case count (Spark and others write .PARQUET); other files are
+        listed in a warning, never silently dropped."""
+        found: dict[str, FileInfo] = {}
         for uri in [uris] if isinstance(uris, str) else uris:
             path = self.path(uri)
+            skipped: list[str] = []
             try:
                 if _GLOB_CHARS & set(path):
                     matches = self.fs.glob(path, detail=True)
                     infos = {p: i for p, i in matches.items() if i.get("type") == "file"}
+                    others = sorted(p for p in infos if not is_parquet_name(p))
+                    if others:
+                        raise InputError(
+                            f"{self.uri(others[0])} does not end in .parquet (matched by {uri}): only Parquet files "
+                            "are read; rename the files or narrow input.uri"
+                        )
                 elif self.fs.isdir(path):
-                    infos = {
-                        p: i
-                        for p, i in self.fs.find(path, detail=True).items()
-                        if p.endswith(".parquet") and not _is_hidden(p, path)
-                    }
+                    infos = {}
+                    for p, i in self.fs.find(path, detail=True).items():
+                        if _is_hidden(p, path):
+                            continue
+                        if is_parquet_name(p):
+                            infos[p] = i
+                        else:
+                            skipped.append(p)
                 elif self.fs.exists(path):
                     infos = {path: self.fs.info(path)}
                 else:
-                    raise InputError(f"input not found: {uri}")
+                    raise InputError(f"input not found: {uri}{self._missing_bucket_hint(path)}")
             except InputError:
                 raise
             except Exception as err:  # noqa: BLE001 - botocore raises its own hierarchy (NoCredentialsError ...)
-                raise InputError(f"cannot list {uri}: {_short(err)}") from None
+                raise InputError(f"cannot list {uri}: {_short(err)}{self._missing_bucket_hint(path)}") from None
             if not infos:
-                raise InputError(f"no Parquet files found at {uri}")
-            others = sorted(p for p in infos if not p.endswith(".parquet"))
-            if others:
-                raise InputError(
-                    f"{self.uri(others[0])} does not end in .parquet: Ray Data reads only *.parquet files; "
-                    "rename the files or narrow input.uri"
+                what = (
+                    f" (it holds {len(skipped)} other file(s), e.g. {', '.join(self.uri(p) for p in skipped[:3])}; "
+                    "input files must end in .parquet)"
+                    if skipped
+                    else ""
+                )
+                raise InputError(f"no Parquet files found at {uri}{what}")
+            if skipped:
+                log.warning(
+                    "input %s: skipped %d file(s) not ending in .parquet: %s%s",
+                    uri,
+                    len(skipped),
+                    ", ".join(p.rsplit("/", 1)[-1] for p in skipped[:5]),
+                    " ..." if len(skipped) > 5 else "",
                 )
             for p, info in infos.items():
-                found[p.rstrip("/")] = int(info.get("size") or 0)
-        return sorted(found.items())
+                p = p.rstrip("/")
+                found[p] = FileInfo(p, int(info.get("size") or 0), _version_of(info))
+        return [found[p] for p in sorted(found)]
+
+    def _missing_bucket_hint(self, path: str) -> str:
+        """'; bucket b does not exist' when that is why a listing found nothing (S3 only)."""
+        if self.protocol != "s3":
+            return ""
+        bucket = path.split("/", 1)[0]
+        try:
+            if self.fs.exists(bucket):
+                return ""
+        except Exception:  # noqa: BLE001 - access denied to the bucket itself: say nothing more
+            return ""
+        return f" (bucket {bucket!r} does not exist or is not visible with these credentials)"
+
+    def identity(self, info: FileInfo) -> str:
+        """What a resume compares to tell a file is unchanged: on S3 its size and ETag (and version id when the
+        bucket is versioned), read from the listing; on local disk its size, modification time and a hash of its
+        Parquet footer (schema, row groups and their statistics), one small read."""
+        if self.protocol != "file":
+            return f"size={info.size};{info.version}"
+        try:
+            with open(info.path, "rb") as f:
+                f.seek(max(0, info.size - 8))
+                tail = f.read(8)
+                footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
+                f.seek(max(0, info.size - 8 - footer_len))
+                footer = f.read(footer_len + 8)
+        except OSError as err:
+            raise InputError(f"cannot read {info.path}: {_short(err)}") from None
+        return f"size={info.size};{info.version};footer={hashlib.sha1(footer).hexdigest()}"
 
     def read_schema(self, path: str) -> pa.Schema:
         try:
@@ -173,6 +250,72 @@ class Storage:
             else:
                 self.fs.pipe_file(path, data)
         except Exception as err:  # noqa: BLE001 - permission, disk full, storage errors: all name the file
+            raise OutputError(f"cannot write {self.uri(path)}: {_short(err)}") from None
+
+    # ------------------------------------------------------------------ conditional writes (the job's lease)
+
+    def create_exclusive(self, path: str, data: bytes) -> str | None:
+        """Create a file only if it does not exist, atomically; returns its tag (see `read_tagged`), or None when
+        it exists. S3: a conditional PUT
+        (``If-None-Match: *``, which S3 and MinIO honour); local disk: a hard link of a complete temporary file,
+        which fails if the name exists."""
+        try:
+            if self.protocol == "file":
+                folder, name = os.path.split(path)
+                os.makedirs(folder, exist_ok=True)
+                tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.link(tmp, path)
+                    return hashlib.sha1(data).hexdigest()
+                except FileExistsError:
+                    return None
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            return str((self.fs.pipe_file(path, data, mode="create") or {}).get("ETag", ""))
+        except FileExistsError:
+            return None
+        except Exception as err:  # noqa: BLE001
+            raise OutputError(f"cannot write {self.uri(path)}: {_short(err)}") from None
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        """A file's bytes and a tag that changes whenever it is rewritten (S3: its ETag; local: a hash of its
+        bytes), for `replace_if`; None when it does not exist."""
+        try:
+            with _fails_as(OutputError, f"cannot read {self.uri(path)}", keep=(FileNotFoundError,)):
+                if self.protocol == "file":
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    return data, hashlib.sha1(data).hexdigest()
+                # The tag first: if the object changes between the two requests, a replace_if with this tag fails.
+                tag = str(self.fs.info(path).get("ETag", ""))
+                return self.fs.cat_file(path), tag
+        except FileNotFoundError:
+            return None
+
+    def replace_if(self, path: str, data: bytes, tag: str) -> str | None:
+        """Rewrite a file only if it is still the version tagged `tag`; returns the new tag, or None if the file
+        changed or is gone.
+        S3: a conditional PUT (``If-Match``); local disk: compared and replaced under a file lock."""
+        try:
+            if self.protocol == "file":
+                import filelock
+
+                folder, name = os.path.split(path)
+                with filelock.FileLock(os.path.join(folder, f".{name}.lock"), timeout=30):
+                    current = self.read_tagged(path)
+                    if current is None or current[1] != tag:
+                        return None
+                    self.write_bytes(path, data)
+                    return hashlib.sha1(data).hexdigest()
+            return str((self.fs.pipe_file(path, data, IfMatch=tag) or {}).get("ETag", ""))
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if "pre-condition" in str(err).lower() or "precondition" in str(err).lower():
+                return None
             raise OutputError(f"cannot write {self.uri(path)}: {_short(err)}") from None
 
     def write_json(self, path: str, data: Any) -> None:
@@ -231,6 +374,32 @@ class Storage:
             return pq.read_table(f, columns=[column]).column(column)
 
 
+def credentials_to_environment(config: StorageConfig, joining_cluster: bool) -> StorageConfig:
+    """For an entry point, before it starts a local Ray: S3 keys set in the config (deprecated) move into the
+    standard AWS variables of this process, which the local Ray's workers inherit, and the config returned has
+    none, so they are never written out or passed to Ray. A job joining a cluster cannot reach its workers that
+    way without storing the keys in Ray's metadata: ConfigError."""
+    if not config.has_credentials:
+        return config
+    from pipelines.errors import ConfigError
+
+    if joining_cluster:
+        raise ConfigError(
+            "S3 keys in the config (storage.access_key_id / secret_access_key / session_token) cannot reach the "
+            "workers of a cluster without being stored in Ray's metadata: remove them and set AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or a profile, an instance role, IRSA) in the cluster's environment"
+        )
+    log.warning(
+        "storage.access_key_id / secret_access_key in a config file are deprecated: set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY in the environment instead (this run moves them there)"
+    )
+    for name, env in StorageConfig.CREDENTIAL_ENV.items():
+        value = getattr(config, name)
+        if value is not None:
+            os.environ[env] = value.get_secret_value()
+    return config.without_credentials()
+
+
 def s3_options(config: StorageConfig) -> dict[str, Any]:
     """s3fs options from the config; anything unset falls back to the AWS environment (AWS_ENDPOINT_URL ...)."""
     opts: dict[str, Any] = {}
@@ -243,11 +412,11 @@ def s3_options(config: StorageConfig) -> dict[str, Any]:
     if config.profile:
         opts["profile"] = config.profile
     if config.access_key_id:
-        opts["key"] = config.access_key_id
+        opts["key"] = config.access_key_id.get_secret_value()
     if config.secret_access_key:
-        opts["secret"] = config.secret_access_key
+        opts["secret"] = config.secret_access_key.get_secret_value()
     if config.session_token:
-        opts["token"] = config.session_token
+        opts["token"] = config.session_token.get_secret_value()
     if config.anon:
         opts["anon"] = True
     if client:

@@ -110,6 +110,10 @@ def check_config(kind: str, config_path: str | Path, overrides: list[str], *, re
             raise ConfigError("--resume needs a batch job that can resume (output.mode: resume); update rerank")
         overrides = [*overrides, "output.mode=resume"]
     config = load_config(RerankJobConfig, config_path, overrides)
+    if config.storage.has_credentials:  # the config file travels in the job's working_dir, readable on the cluster
+        from pipelines.storage import credentials_to_environment
+
+        credentials_to_environment(config.storage, joining_cluster=True)  # raises the one-line ConfigError
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
     data = {f"input.uri[{i}]" if len(uris) > 1 else "input.uri": u for i, u in enumerate(uris)}
     data |= {"input.corpus_uri": config.input.corpus_uri, "output.uri": config.output.uri}
