@@ -71,6 +71,186 @@ def vnni() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else platform.processor(), else the machine type."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+#: The flags resolve_auto reads, in the order they are reported.
+AUTO_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
+
+
+def cpu_family() -> str:
+    """What resolve_auto decides on: amx (AMX int8/bf16 tiles), vnni+bf16 (AVX512-VNNI and AVX512-BF16, e.g. Zen 4/5,
+    Cooper Lake), vnni (AVX512-VNNI or AVX-VNNI without native bf16: Cascade Lake, Ice Lake, Alder Lake and later
+    client cores), avx2 (neither: Zen 1-3, Haswell-Skylake), or other (no x86 flags: Arm, macOS)."""
+    flags = cpu_flags()
+    if flags & {"amx_int8", "amx_bf16"}:
+        return "amx"
+    if vnni() and native_bf16():
+        return "vnni+bf16"
+    if vnni():
+        return "vnni"
+    if "avx2" in flags:
+        return "avx2"
+    return "other"
+
+
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _have(backend: str) -> bool:
+    return {
+        "torch": True,
+        "onnx": _installed("onnxruntime", "onnx"),
+        "openvino": _installed("openvino", "onnx"),
+    }[backend]
+
+
+#: CPU preferences of `auto`, fastest first, per cpu_family: only combinations measured within 1% nDCG@10 of
+#: float32 torch at K = 10, 20 and 100 on Cranfield (README, "Backends and precision"), each taken only when its
+#: packages are installed; no usable one leaves torch (bfloat16 autocast with native bfloat16, else float32).
+#: - vnni+bf16: measured on a 2-core AMD EPYC with AVX512-VNNI/BF16: openvino bfloat16 6.8x the plain float32 loop
+#:   in-process, torch bfloat16 4.8x, onnx int8 4.9x; openvino int8 (8.5x) lost 1.4% nDCG@10 at K=100 there and
+#:   is not used.
+#: - amx: the vnni+bf16 order (AMX adds bf16 and int8 tiles: bfloat16 gains most; not measured by this project).
+#: - vnni without native bf16 (Cascade Lake, Ice Lake, Alder Lake+): onnx int8, whose U8S8 dot products do not
+#:   saturate with VNNI (its quality measured on the VNNI EPYC; its speed there 4.9x, above onnx float32's 3.6x).
+#: - avx2: measured on a 2-core AVX2 EPYC: onnx float32 1.07-1.25x torch float32; openvino int8 0.8x and bfloat16
+#:   emulated (7x slower), so neither is used.
+AUTO_CPU_ORDER: dict[str, tuple[tuple[str, str], ...]] = {
+    "amx": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("onnx", "int8")),
+    "vnni+bf16": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("onnx", "int8")),
+    "vnni": (("onnx", "int8"), ("onnx", "float32")),
+    "avx2": (("onnx", "float32"),),
+    "other": (),
+}
+
+_AUTO_WHY = {
+    "amx": "AMX bf16 tiles and native bfloat16: OpenVINO bfloat16, within 1% nDCG@10 of float32",
+    "vnni+bf16": "native bfloat16 (avx512_bf16): OpenVINO bfloat16 measured fastest within 1% nDCG@10 of float32 "
+    "(its int8 was faster but lost 1.4% at K=100)",
+    "vnni": "int8 dot products (VNNI) without native bfloat16: ONNX Runtime int8, which keeps nDCG@10 with VNNI",
+    "avx2": "AVX2 without VNNI or native bfloat16: int8 and bfloat16 are slow or lose quality here; ONNX Runtime "
+    "float32 (fused) is lossless and faster than torch",
+    "other": "no x86 feature flags (e.g. Arm, macOS): torch, the measured default",
+}
+
+
+def _runnable(config: ModelConfig, backend: str, dtype: str, device: torch.device) -> bool:
+    if not _have(backend) or (backend == "openvino" and dtype == "int8" and not _installed("nncf")):
+        return False
+    try:
+        check_backend(config.model_copy(update={"backend": backend, "dtype": dtype}), device)
+    except ConfigError:
+        return False
+    return True
+
+
+def _best_dtype(config: ModelConfig, backend: str, device: torch.device) -> tuple[str, str]:
+    """model.dtype auto with a fixed backend: the fastest quality-keeping dtype of that backend here."""
+    if device.type == "cuda":
+        if config.kind == "causal-lm" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16", "GPU: bfloat16 weights (LLM rerankers are trained in bfloat16; float16 can overflow)"
+        return "float16", "GPU: float16 weights (tensor cores; more mantissa than bfloat16)"
+    order = [d for b, d in AUTO_CPU_ORDER[cpu_family()] if b == backend]
+    if backend == "torch" and config.kind == "causal-lm" and native_bf16():
+        order = ["bfloat16"]
+    for dtype in [*order, "float32"]:
+        if _runnable(config, backend, dtype, device):
+            return dtype, f"the fastest {backend} precision kept within 1% nDCG@10 on this CPU family"
+    return "float32", "float32"
+
+
+def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """`config` with model.backend / model.dtype auto replaced by what runs on `device`, and a record of the
+    choice (None when neither was auto): requested, backend, dtype, reason, device, cpu, cpu_family, cpu_flags.
+
+    Rules (no timing: the same machine always gets the same answer, so a job's driver and its actors agree):
+    - CUDA: torch, float16 (bfloat16 for causal-lm where the GPU has it);
+    - CPU, causal-lm: torch, bfloat16 autocast with native bfloat16, else float32;
+    - CPU, cross-encoder / bi-encoder: the first of AUTO_CPU_ORDER[cpu_family()] whose packages are installed,
+      else torch (bfloat16 autocast with native bfloat16, else float32);
+    - a fixed backend with dtype auto: that backend's best dtype by the same order; a fixed dtype with backend
+      auto: the first backend of the order with that dtype, else the first that runs it."""
+    backend, dtype = config.backend, config.dtype
+    if backend != "auto" and dtype != "auto":
+        return config, None
+    family = cpu_family() if device.type == "cpu" else "gpu"
+    reason = ""
+    if backend == "auto" and dtype == "auto":
+        if device.type == "cuda" or config.kind == "causal-lm":
+            backend = "torch"
+            dtype, reason = _best_dtype(config, "torch", device)
+        else:
+            for b, d in AUTO_CPU_ORDER[family]:
+                if _runnable(config, b, d, device):
+                    backend, dtype, reason = b, d, _AUTO_WHY[family]
+                    break
+            else:
+                backend = "torch"
+                dtype = "bfloat16" if native_bf16() else "float32"
+                reason = _AUTO_WHY[family] if family == "other" else (
+                    f"{_AUTO_WHY[family]}; its packages are not installed ({_EXTRA}), so torch"
+                )
+    elif backend == "auto":  # a fixed dtype
+        candidates = ["torch"] if device.type == "cuda" or config.kind == "causal-lm" else []
+        if not candidates:
+            order = [b for b, d in AUTO_CPU_ORDER[family] if d == dtype]
+            candidates = [*order, *(b for b in ("onnx", "openvino", "torch") if dtype == "float32" and b not in order)]
+            candidates += [b for b in ("openvino", "torch", "onnx") if b not in candidates]
+        backend = next((b for b in candidates if _runnable(config, b, dtype, device)), "torch")
+        reason = f"the fastest backend measured for {dtype} on this {'GPU' if family == 'gpu' else 'CPU family'}"
+    else:  # a fixed backend
+        dtype, reason = _best_dtype(config, backend, device)
+    flags = sorted(cpu_flags() & set(AUTO_FLAGS), key=AUTO_FLAGS.index)
+    choice = {
+        "requested": f"{config.backend}/{config.dtype}",
+        "backend": backend,
+        "dtype": dtype,
+        "reason": reason,
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_family": family if device.type == "cpu" else cpu_family(),
+        "cpu_flags": flags,
+    }
+    return config.model_copy(update={"backend": backend, "dtype": dtype}), choice
+
+
+_LOGGED: set[tuple] = set()
+
+
+def log_choice(choice: dict[str, Any] | None) -> None:
+    """Log what auto chose, once per process and choice."""
+    if not choice:
+        return
+    key = (choice["requested"], choice["backend"], choice["dtype"], choice["device"])
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    log.info(
+        "model.backend/dtype %s -> %s %s on %s (%s; CPU %s, flags %s)",
+        choice["requested"],
+        choice["backend"],
+        choice["dtype"],
+        choice["device"],
+        choice["reason"],
+        choice["cpu"],
+        " ".join(choice["cpu_flags"]) or "none",
+    )
+
+
 _EXTRA = "pip install 'rerank[cpu-backends]'"
 
 
@@ -82,7 +262,10 @@ def _require(module: str, backend: str) -> None:
 
 
 def check_backend(config: ModelConfig, device: torch.device) -> list[str]:
-    """Raise ConfigError (one line) for a combination that cannot run; return warnings for slow ones."""
+    """Raise ConfigError (one line) for a combination that cannot run; return warnings for slow ones. With
+    backend or dtype auto, what resolve_auto picks on `device` is checked."""
+    if "auto" in (config.backend, config.dtype):
+        config = resolve_auto(config, device)[0]
     backend, dtype, where = config.backend, config.dtype, device.type
     combo = f"model.backend {backend} with model.dtype {dtype}"
     out: list[str] = []
@@ -471,6 +654,89 @@ def export_onnx(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
     return cached(artifact_dir(config, fingerprint, "onnx-float32", tt=uses_tt), build, "onnx-float32") / "model.onnx"
 
 
+#: Largest |difference| to the unfused export allowed for ONNX Runtime's transformer fusions (else unfused is kept).
+FUSION_TOLERANCE = 1e-4
+
+
+def _probe_feed(uses_tt: bool, vocab: int, rows: int = 4, length: int = 24) -> dict[str, np.ndarray]:
+    """A small padded batch of random token ids (rows of different lengths) to compare two graphs on."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(min(5, vocab - 1), min(vocab, 2000), (rows, length)).astype(np.int32)
+    mask = np.ones((rows, length), dtype=np.int32)
+    for r in range(1, rows):
+        mask[r, length - 5 * r :] = 0
+    feed = {"input_ids": ids, "attention_mask": mask}
+    if uses_tt:
+        tt = np.zeros_like(ids)
+        tt[:, length // 2 :] = 1
+        feed["token_type_ids"] = tt * mask
+    return feed
+
+
+def _ort_session(path: Path | str, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def fuse_onnx(config: ModelConfig, fingerprint: str, uses_tt: bool, hf_config) -> Path:
+    """The float32 export with ONNX Runtime's transformer fusions for BERT-family encoders (EmbedLayerNormalization,
+    Attention, SkipLayerNormalization, BiasGelu; `onnxruntime.transformers.optimizer`, opt_level 0 so the file
+    stays portable), cached. The fused graph is compared with the unfused one on a padded probe batch; a
+    difference above FUSION_TOLERANCE, or an architecture the optimizer does not know, keeps the unfused file
+    (FUSED says which)."""
+    src = export_onnx(config, fingerprint, uses_tt)
+    model_type = getattr(hf_config, "model_type", "")
+    heads = getattr(hf_config, "num_attention_heads", 0)
+    hidden = getattr(hf_config, "hidden_size", 0)
+
+    def build(tmp: Path) -> None:
+        import shutil
+
+        fused = False
+        if model_type in HEAD_ONLY_MODEL_TYPES and heads and hidden:
+            try:
+                from onnxruntime.transformers.optimizer import optimize_model
+
+                logging.disable(logging.INFO)  # the optimizer logs every fusion at INFO on its own loggers
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        opt = optimize_model(
+                            str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0
+                        )
+                        opt.save_model_to_file(str(tmp / "model.onnx"))
+                finally:
+                    logging.disable(logging.NOTSET)
+                feed = _probe_feed(uses_tt, int(getattr(hf_config, "vocab_size", 1000)))
+                ref = _ort_session(src).run(None, feed)[0]
+                got = _ort_session(tmp / "model.onnx").run(None, feed)[0]
+                diff = float(np.abs(got - ref).max())
+                fused = got.shape == ref.shape and diff <= FUSION_TOLERANCE
+                if not fused:
+                    log.info("ONNX Runtime fusions differ by %.2g from the export; keeping it unfused", diff)
+            except Exception as err:  # noqa: BLE001 - any optimizer failure: keep the plain export
+                log.info("ONNX Runtime fusions not usable for %s: %s", model_type, err)
+        if not fused:
+            shutil.copyfile(src, tmp / "model.onnx")
+        (tmp / "FUSED").write_text(str(fused))
+        (tmp / "HEAD_ONLY").write_text(str(export_is_head_only(src)))
+
+    import onnxruntime
+
+    target = artifact_dir(config, fingerprint, "onnx-float32-fused", tt=uses_tt, ort=onnxruntime.__version__)
+    return cached(target, build, "onnx-float32-fused") / "model.onnx"
+
+
+def export_is_fused(onnx_path: Path) -> bool:
+    marker = onnx_path.parent / "FUSED"
+    return marker.is_file() and marker.read_text().strip() == "True"
+
+
 def export_is_head_only(onnx_path: Path) -> bool:
     """Whether an ONNX export (and so what is quantised or converted from it) has the head-only last layer."""
     marker = onnx_path.parent / "HEAD_ONLY"
@@ -479,6 +745,14 @@ def export_is_head_only(onnx_path: Path) -> bool:
 
 #: MatMul nodes of the first encoder layer (torch.onnx names them /<model>/encoder/layer.0/...): kept in float32.
 _FIRST_LAYER = re.compile(r"/encoder/layers?\.0/")
+
+
+def onnx_int8_settings() -> dict[str, Any]:
+    """ONNX Runtime dynamic int8 settings for this CPU. ONNX Runtime's default U8S8 kernels on AVX2/AVX512 without
+    VNNI multiply with vpmaddubsw, whose 16-bit sums of two uint8 x int8 products saturate; that is what lost
+    1.5% nDCG@10 at K=100 on the AVX2 EPYC, while the same model kept it on a VNNI CPU (vpdpbusd sums in 32 bits).
+    Without VNNI the weights are therefore quantised to 7 bits (reduce_range), which cannot saturate."""
+    return {"reduce_range": not vnni(), "per_channel": True, "float32_layers": "first"}
 
 
 def quantize_onnx_int8(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
@@ -492,7 +766,7 @@ def quantize_onnx_int8(config: ModelConfig, fingerprint: str, uses_tt: bool) -> 
     the score drift for no speed gain. The activation scale is per call, so a pair's score moves slightly with
     the other pairs of its micro-batch."""
     src = export_onnx(config, fingerprint, uses_tt)
-    settings = {"reduce_range": False, "per_channel": True, "float32_layers": "first"}
+    settings = onnx_int8_settings()
 
     def build(tmp: Path) -> None:
         import onnx
@@ -505,7 +779,7 @@ def quantize_onnx_int8(config: ModelConfig, fingerprint: str, uses_tt: bool) -> 
             quantize_dynamic(
                 str(src),
                 str(tmp / "model.onnx"),
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QUInt8 if settings.get("weights") == "uint8" else QuantType.QInt8,
                 reduce_range=settings["reduce_range"],
                 per_channel=settings["per_channel"],
                 nodes_to_exclude=keep,
@@ -603,7 +877,7 @@ def _threads(config: ModelConfig) -> int:
 
 
 class OnnxBackend(Backend):
-    """ONNX Runtime on CPU: float32, or dynamic int8."""
+    """ONNX Runtime on CPU: float32 (with its transformer fusions where they match; fuse_onnx), or dynamic int8."""
 
     name = "onnx"
 
@@ -612,10 +886,14 @@ class OnnxBackend(Backend):
 
         self.hf_config = _hf_config(config)
         self.uses_token_type_ids = _uses_token_type_ids(tokenizer, self.hf_config)
-        path = (quantize_onnx_int8 if config.dtype == "int8" else export_onnx)(
-            config, fingerprint, self.uses_token_type_ids
-        )
-        self.head_only = export_is_head_only(export_onnx(config, fingerprint, self.uses_token_type_ids))
+        tt = self.uses_token_type_ids
+        if config.dtype == "int8":
+            path = quantize_onnx_int8(config, fingerprint, tt)
+        else:
+            path = fuse_onnx(config, fingerprint, tt, self.hf_config)
+        #: ONNX Runtime's transformer fusions are in the graph (float32 only; see fuse_onnx).
+        self.fused = export_is_fused(path)
+        self.head_only = export_is_head_only(export_onnx(config, fingerprint, tt))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = _threads(config)
         opts.inter_op_num_threads = 1
@@ -663,7 +941,11 @@ class OpenVinoBackend(Backend):
 
 
 def load_backend(config: ModelConfig, device: torch.device, tokenizer, max_length: int) -> Backend:
-    """The backend config.backend names, exporting or quantising first if the cache lacks it."""
+    """The backend config.backend names, exporting or quantising first if the cache lacks it (auto: resolved
+    first; the Scorer resolves it itself to record the choice)."""
+    if "auto" in (config.backend, config.dtype):
+        config, choice = resolve_auto(config, device)
+        log_choice(choice)
     for w in check_backend(config, device):
         log.warning(w)
     if config.backend == "torch":

@@ -69,6 +69,8 @@ class ModelInfo:
     dtype: str
     backend: str = "torch"
     max_batch_tokens: int = 0
+    #: What model.backend / model.dtype auto chose and why (backends.resolve_auto); None when neither was auto.
+    backend_choice: dict | None = None
 
 
 def model_fingerprint(name_or_path: str, revision: str | None) -> str:
@@ -156,7 +158,15 @@ def describe_model(config: ModelConfig, on_cluster: bool | None = None) -> dict:
     device = backends.planned_device(config, on_cluster)
     backends.check_model_on(config, device)
     _, num_labels = load_tokenizer_and_labels(config)
-    return {
+    choice = None
+    if "auto" in (config.backend, config.dtype):
+        if device is None:  # each actor resolves it on its own device and CPU
+            choice = {"requested": f"{config.backend}/{config.dtype}", "reason": "resolved by each actor on its device"}
+        else:
+            resolved, choice = backends.resolve_auto(config, device)
+            backends.log_choice(choice)
+            config = resolved
+    out = {
         "name_or_path": config.name_or_path,
         "kind": config.kind,
         "revision": model_fingerprint(config.name_or_path, config.revision),
@@ -167,6 +177,9 @@ def describe_model(config: ModelConfig, on_cluster: bool | None = None) -> dict:
         "device": str(device) if device else "auto (the actors')",
         "max_batch_tokens": max_batch_tokens(config, device) if device else config.max_batch_tokens,
     }
+    if choice is not None:
+        out["backend_choice"] = choice
+    return out
 
 
 @dataclass
@@ -302,8 +315,12 @@ class Scorer:
     """
 
     def __init__(self, config: ModelConfig):
-        self.config = config
         self.device = resolve_device(config.device)
+        #: model.backend / model.dtype auto resolved for this device and CPU (backends.resolve_auto): self.config
+        #: holds the concrete pair, self.backend_choice what was asked and why this (None without auto).
+        config, self.backend_choice = backends.resolve_auto(config, self.device)
+        backends.log_choice(self.backend_choice)
+        self.config = config
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         self.tokenizer, num_labels = load_tokenizer_and_labels(config)
@@ -381,6 +398,7 @@ class Scorer:
             dtype=self.config.dtype,
             backend=self.config.backend,
             max_batch_tokens=self.max_batch_tokens,
+            backend_choice=self.backend_choice,
         )
 
     # ------------------------------------------------------------------ public API
