@@ -646,21 +646,38 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
 # ---------------------------------------------------------------------------- the job
 
 
-def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSummary:
-    """Run (or resume) one reranking job. Ray must already be initialised by the caller.
+def hold_output(plan: JobPlan) -> Lease:
+    """Take the output folder's lease for this job (refused with OutputError naming the holder if another run has
+    it); the caller passes it to `run_rerank`, which releases it. Entry points take it before Ray starts, so a
+    second run is refused at once."""
+    lease = Lease(plan.progress, plan.config.output.lease_timeout_s)
+    lease.acquire(takeover=plan.config.output.mode in ("resume", "overwrite"))
+    return lease
+
+
+def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None, lease: Lease | None = None) -> JobSummary:
+    """Run (or resume) one reranking job. Ray must already be initialised by the caller. `lease`: the output's
+    lease from `hold_output`, when the caller took it already (released here either way).
 
     S3 keys in ``config.storage`` are refused: Ray workers get credentials from their environment or the AWS
     credential chain, never as task or actor arguments (``rerank run`` moves keys from a config file into the
     environment of the local Ray it starts)."""
     started = time.perf_counter()
-    if config.storage.has_credentials:
-        raise ConfigError(credentials_error())
-    plan = plan or plan_rerank(config)
-    progress = plan.progress
-    if plan.already_complete:
-        recorded = progress.read_summary() or {}
-        log.info("rerank: %s is already complete; nothing to do", config.output.uri)
-        return JobSummary.from_dict(recorded | {"output_uri": config.output.uri})
+    try:
+        if config.storage.has_credentials:
+            raise ConfigError(credentials_error())
+        plan = plan or plan_rerank(config)
+        if plan.already_complete:
+            recorded = plan.progress.read_summary() or {}
+            log.info("rerank: %s is already complete; nothing to do", config.output.uri)
+            return JobSummary.from_dict(recorded | {"output_uri": config.output.uri})
+        return _run_planned(config, plan, lease, started)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, started: float) -> JobSummary:
     # One job per output folder, from before the first write to the last: refused if another run holds it.
     scale = resolve_scale(config)
     from pipelines import backends
@@ -669,12 +686,13 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None) -> JobSumma
     device = backends.actor_device(config.model, scale["num_gpus_per_actor"])
     backends.check_model_on(config.model, device)  # on the actors' device, before any of them starts
     model = plan.model | {"device": str(device), "max_batch_tokens": max_batch_tokens(config.model, device)}
-    lease = Lease(progress, config.output.lease_timeout_s)
-    lease.acquire(takeover=config.output.mode in ("resume", "overwrite"))
+    own = lease is None
+    lease = lease or hold_output(plan)
     try:
         return _run_leased(config, plan, lease, started, scale, model)
     finally:
-        lease.release()
+        if own:
+            lease.release()
 
 
 def credentials_error() -> str:

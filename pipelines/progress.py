@@ -268,6 +268,10 @@ class Lease:
             current = storage.read_tagged(self.path)
             if current is not None and _parse_lease(current[0]).get("token") == self.holder["token"]:
                 storage.remove(self.path)
+            work = f"{self.progress.out}/{WORK}"
+            left = storage.list_names(work, "")
+            if all(n.startswith(".lease") for n in left) and storage.fs.exists(work):
+                storage.remove(work)  # a run that stopped before writing anything leaves nothing behind
         except OutputError as err:
             log.warning("rerank: could not release the output lease: %s", err)
 
