@@ -1,7 +1,9 @@
 """`rerank` command line: run | demo | serve | eval | submit.
 
 This module and jobs/ are the entry points: they alone start or connect to Ray. A user error (RerankError)
-ends in one line on stderr and exit code 2, never a traceback.
+ends in one line on stderr and exit code 2, never a traceback. SIGTERM (Kubernetes, systemd, ``ray job stop``)
+stops `rerank run` as Ctrl-C does: its actors and Ray stopped, one line saying how far it got, exit 143 (130
+for SIGINT).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipelines.errors import RerankError
-from pipelines.ray_runtime import connect
+from pipelines.ray_runtime import Stopped, connect, shutdown, stop_on_signals
 
 log = logging.getLogger("rerank")
 
@@ -30,19 +32,59 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.batch import plan_rerank, run_rerank
+    from pipelines.batch import hold_output, plan_rerank, run_rerank
     from pipelines.config import RerankJobConfig, load_config
+    from pipelines.ray_runtime import joins_cluster
+    from pipelines.storage import credentials_to_environment
 
     overrides = args.overrides + (["output.mode=resume"] if args.resume else [])
     config = load_config(RerankJobConfig, args.config, overrides)
-    plan = plan_rerank(config)  # every input, model and output check before Ray starts
-    if plan.already_complete:
-        print(f"rerank: {config.output.uri} is already complete (it has _SUCCESS); nothing to do", flush=True)
-        return 0
-    connect(config.ray)
-    summary = run_rerank(config, plan)
-    print(summary.one_line(), flush=True)
-    return 0
+    # S3 keys in the config go to this process's environment (the local Ray inherits it), never to Ray.
+    config.storage = credentials_to_environment(config.storage, joins_cluster())
+    with stop_on_signals():  # from here: a stop during the plan or ray.init is a stop too
+        plan = None
+        joined = False
+        try:
+            plan = plan_rerank(config)  # every input, model and output check before Ray starts
+            if plan.already_complete:
+                print(f"rerank: {config.output.uri} is already complete (it has _SUCCESS); nothing to do", flush=True)
+                return 0
+            import ray
+
+            joined = not ray.is_initialized()  # False when the caller's Ray is already up (tests, notebooks)
+            lease = hold_output(plan)  # one job per output folder: a second run is refused before Ray starts
+            try:
+                connect(config.ray)
+            except BaseException:
+                lease.release()
+                raise
+            summary = run_rerank(config, plan, lease)  # it kills its actors on the way out, whatever the exception
+            print(summary.one_line(), flush=True)
+            return 0
+        except Stopped as stop:
+            if joined:
+                shutdown()  # first, so that no unit commits after the count below
+                joined = False
+            print(f"rerank: {_stopped_at(plan)}; rerun with --resume to finish", file=sys.stderr, flush=True)
+            return stop.exit_code
+        finally:
+            if joined:
+                shutdown()  # here rather than at interpreter exit, while the signal handlers are ours
+
+
+def _stopped_at(plan) -> str:
+    """How far a stopped job got, from its durable state (the manifest's units and the commit records)."""
+    if plan is None:
+        return "stopped before any unit was scored"
+    try:
+        progress = plan.progress
+        units = (progress.read_manifest() or {}).get("units")
+        if units is None:
+            return "stopped before any unit was scored"
+        return f"stopped after {len(progress.done_units()):,} of {len(units):,} units"
+    except Exception as err:  # noqa: BLE001 - the storage may be what failed; the hint stands without a count
+        log.debug("cannot count the finished units: %s", err)
+        return "stopped"
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -57,8 +99,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    connect()
-    return run_demo(args.output, args.overrides)
+    with stop_on_signals():
+        import ray
+
+        joined = not ray.is_initialized()
+        try:
+            connect()
+            return run_demo(args.output, args.overrides)
+        finally:
+            if joined:
+                shutdown()
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -109,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RerankError as err:
         print(f"rerank: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # a command without its own handling of a stop
+        print("rerank: stopped", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("rerank: interrupted", file=sys.stderr)
         return 130

@@ -331,6 +331,34 @@ class RayConfig(_Strict):
         ge=1,
         description="Logical CPUs of the local Ray (default: cores + 2, so readers never starve behind actors).",
     )
+    host: str = Field(
+        "127.0.0.1",
+        description="Node address of the local Ray. 127.0.0.1 (default) or another loopback address: every port it "
+        "opens (GCS, raylet, object manager, workers, agents, metrics export) binds loopback only. Another address "
+        "of this machine makes the node reachable from the network, and Ray then binds several ports on all "
+        "interfaces: only for a trusted network. Serve's proxy binds serve.host either way.",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address(cls, v: str) -> str:
+        import ipaddress
+
+        v = v.strip()
+        if v == "localhost":
+            return v
+        try:
+            ip = ipaddress.ip_address(v.strip("[]"))
+        except ValueError:
+            raise ValueError(
+                f"{v!r} is not an IP address: use 127.0.0.1 (default) or an address of this machine"
+            ) from None
+        if ip.is_unspecified:
+            raise ValueError(
+                f"{v} is not a node address: Ray needs the address other processes reach this node at (e.g. this "
+                "machine's IP), not a wildcard"
+            )
+        return v
 
 
 class RerankJobConfig(_Strict):

@@ -23,7 +23,6 @@ import argparse
 import ipaddress
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -187,16 +186,14 @@ def _metrics_url() -> str | None:
         return None
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _run(args: argparse.Namespace) -> int:
+    """`rerank serve`: until Ctrl-C or SIGTERM (Kubernetes, systemd), then the app, Serve and a Ray this process
+    started are stopped, every process of that Ray gone, exit 0. Signals that come during the stop are ignored."""
     import ray
 
     from pipelines.backends import check_model_config
     from pipelines.config import load_config
-    from pipelines.ray_runtime import connect
+    from pipelines.ray_runtime import connect, shutdown, stop_on_signals
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
@@ -204,35 +201,32 @@ def _run(args: argparse.Namespace) -> int:
     prepare_local_environment(config)
     # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
     owns_ray = False
-    # Explicit handlers: a process started in the background inherits an ignored SIGINT.
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = False
-    try:
-        owns_ray = connect(config.ray)
-        handle = start_service(config)
-        started = True
-        s = config.serve
-        auth = "API key required" if _replica_auth(handle) else "no API key"
-        prefix = s.route_prefix.rstrip("/")
-        log.info("rerank service ready at http://%s:%d%s (%s); Ctrl-C stops it", s.host, s.port, prefix, auth)
-        print(f"rerank: serving on http://{s.host}:{s.port}{prefix} ({auth}); Ctrl-C stops it", flush=True)
-        metrics = _metrics_url()
-        if metrics:
-            print(f"rerank: Prometheus metrics (ray_rerank_*, ray_serve_*) at {metrics}", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if ray.is_initialized():
+    joined = not ray.is_initialized()
+    with stop_on_signals():  # kept across ray.init by connect()
+        try:
+            owns_ray = connect(config.ray)
+            handle = start_service(config)
+            started = True
+            s = config.serve
+            auth = "API key required" if _replica_auth(handle) else "no API key"
+            prefix = s.route_prefix.rstrip("/")
+            log.info("rerank service ready at http://%s:%d%s (%s); Ctrl-C stops it", s.host, s.port, prefix, auth)
+            print(f"rerank: serving on http://{s.host}:{s.port}{prefix} ({auth}); Ctrl-C stops it", flush=True)
+            metrics = _metrics_url()
+            if metrics:
+                print(f"rerank: Prometheus metrics (ray_rerank_*, ray_serve_*) at {metrics}", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipelines.ray_runtime.Stopped)
+            log.info("shutting down")
+        finally:
             try:
-                if started or owns_ray:
+                if ray.is_initialized() and (started or owns_ray):
                     stop_service(config, whole_serve=owns_ray)
             finally:
-                if owns_ray:
-                    ray.shutdown()
+                if joined:
+                    shutdown()  # a local Ray: down, and its processes gone
     print("rerank: service stopped", flush=True)
     return 0
 
