@@ -26,7 +26,6 @@ actor that cannot load its model fails the job at once with the model's error.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import logging
 import math
@@ -58,6 +57,7 @@ from pipelines.progress import (
     input_changes,
     live_lease,
 )
+from pipelines.reads import Footer, Unit, UnitReader, identity, plan_units, read_footers
 from pipelines.records import FLAT, PACKED, InputLayout
 from pipelines.storage import FileInfo, Storage
 
@@ -88,6 +88,9 @@ class JobSummary:
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     input_files: int = 0
+    #: Input rows decoded by the units of the job (those scored before a resume included) per row they hold:
+    #: 1.0 when every row was decoded once; more when a slice of a large row group was read out of order.
+    read_amplification: float = 0.0
     units: int = 0
     units_resumed: int = 0
     units_retried: int = 0
@@ -122,22 +125,6 @@ class JobSummary:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass(frozen=True)
-class Unit:
-    """A unit of work: rows [start, end) of one input file."""
-
-    uid: str
-    path: str
-    start: int
-    end: int
-
-    @classmethod
-    def of(cls, path: str, start: int, end: int) -> Unit:
-        digest = hashlib.sha1(f"{path}|{start}|{end}".encode()).hexdigest()[:16]
-        stem = re.sub(r"[^A-Za-z0-9]+", "-", path.rsplit("/", 1)[-1].removesuffix(".parquet"))[:40]
-        return cls(f"{stem}-{start}-{digest}", path, start, end)
-
-
 # ---------------------------------------------------------------------------- scoring a unit
 
 
@@ -159,38 +146,6 @@ class WorkerSpec:
     corpus_packed: bool = False  # joined input made from packed candidates (rows marked _no_candidates)
 
 
-def read_unit(storage: Storage, unit: Unit, columns: list[str]) -> pa.Table:
-    """Rows [start, end) of a Parquet file, reading only the row groups that hold them."""
-    try:
-        with storage.fs.open(unit.path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            parts, offset = [], 0
-            for i in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(i).num_rows
-                lo, hi = max(unit.start, offset), min(unit.end, offset + n)
-                if lo < hi:
-                    seen = offset
-                    for batch in pf.iter_batches(batch_size=8192, row_groups=[i], columns=columns):
-                        a, b = max(lo - seen, 0), min(hi - seen, batch.num_rows)
-                        if a < b:
-                            parts.append(batch.slice(a, b - a))
-                        seen += batch.num_rows
-                        if seen >= hi:
-                            break
-                offset += n
-                if offset >= unit.end:
-                    break
-            schema = pf.schema_arrow
-        schema = pa.schema([schema.field(c) for c in columns])
-        table = pa.Table.from_batches(parts, schema=schema) if parts else schema.empty_table()
-        return records.decode_dictionaries(table)
-    except Exception as err:  # noqa: BLE001 - a damaged file or a storage failure: name the file either way
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise InputError(
-            f"cannot read rows {unit.start:,}-{unit.end:,} of {storage.uri(unit.path)}: {type(err).__name__}: {first}"
-        ) from None
-
-
 def bucket_of(query_ids: pa.ChunkedArray | pa.Array, buckets: int) -> np.ndarray:
     """The reduce bucket of every row: a stable hash of the query id (the same in every process and run)."""
     if buckets == 1:
@@ -209,17 +164,20 @@ def _parquet_bytes(table: pa.Table, groups: list[pa.Table] | None = None) -> byt
 
 
 def score_unit(
-    unit: Unit, spec: WorkerSpec, scorer: Any, storage: Storage, progress: Progress, node: str = ""
+    unit: Unit, spec: WorkerSpec, scorer: Any, reader: UnitReader, progress: Progress, node: str = ""
 ) -> dict[str, Any]:
     """Read, validate, score and commit one unit; returns its commit record (its counts)."""
     layout = spec.layout
+    decoded_before = reader.rows_decoded
     if layout.layout == PACKED:
-        table = read_unit(storage, unit, ["query_id", "query", "candidates"])
+        table = reader.read(unit, ["query_id", "query", "candidates"])
+        rows_read = table.num_rows
         pairs, empty = records.explode_packed(table, layout)
         rejects = [empty]
     else:
         flags = ["_no_candidates"] if spec.corpus_packed else []
-        pairs = read_unit(storage, unit, records.pair_columns(layout, with_text=True) + flags)
+        pairs = reader.read(unit, records.pair_columns(layout, with_text=True) + flags)
+        rows_read = pairs.num_rows
         rejects = []
     pairs_in = pairs.num_rows + sum(r.num_rows for r in rejects)
     valid, bad = records.split_rejects(pairs, layout, spec.max_text_bytes, corpus=spec.corpus)
@@ -255,6 +213,8 @@ def score_unit(
         "windows_scored": windows,
         "rejected": dict(sorted(by_reason.items())),
         "buckets": {str(b): i for i, b in enumerate(present)},
+        "rows": rows_read,
+        "rows_decoded": reader.rows_decoded - decoded_before,  # > rows: rows decoded again to reach a slice
         "node": node,
         "pid": os.getpid(),  # the process that scored it: which actor, when chasing one
     }
@@ -286,7 +246,7 @@ class ScoreWorker:
         imported = time.perf_counter()
         self.scorer = Scorer(spec.model)
         self.timings = {"actor_imports_s": imported - started, "model_load_s": time.perf_counter() - imported}
-        self.storage = Storage.for_uri(spec.input_protocol_uri, spec.storage)
+        self.reader = UnitReader(Storage.for_uri(spec.input_protocol_uri, spec.storage))
         out = Storage.for_uri(spec.output_uri, spec.storage)
         self.progress = Progress(out, out.path(spec.output_uri))
         import ray
@@ -297,7 +257,7 @@ class ScoreWorker:
         return {"node_id": self.node, "pid": os.getpid(), **self.timings}
 
     def run(self, unit: Unit) -> dict[str, Any]:
-        return score_unit(unit, self.spec, self.scorer, self.storage, self.progress, self.node)
+        return score_unit(unit, self.spec, self.scorer, self.reader, self.progress, self.node)
 
 
 # ---------------------------------------------------------------------------- the reduce
@@ -377,26 +337,20 @@ def reduce_bucket(bucket: int, parts: list[tuple[str, int]], spec: ReduceSpec, w
 # ---------------------------------------------------------------------------- planning
 
 
-def _schemas(storage: Storage, files: list[str]) -> list[pa.Schema]:
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
-        return list(pool.map(storage.read_schema, files))
+def _identities(storage: Storage, footers: list[Footer]) -> dict[str, str]:
+    """Each input file's content identity (see `reads.identity`), by path: what a resume compares."""
+    return {f.info.path: identity(storage, f) for f in footers}
 
 
-def _identities(storage: Storage, files: list[FileInfo]) -> dict[str, str]:
-    """Each input file's content identity (see `Storage.identity`), by path: what a resume compares."""
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
-        return dict(zip([f.path for f in files], pool.map(storage.identity, files)))
-
-
-def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[FileInfo], InputLayout, pa.Schema]:
-    """List the input files and check that every one has the same usable layout."""
+def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[Footer], InputLayout, pa.Schema]:
+    """List the input files, read each one's footer once and check that every one has the same usable layout."""
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
     storage = Storage.for_uri(uris[0], config.storage)
     if any(Storage.for_uri(u, config.storage).protocol != storage.protocol for u in uris):
         raise InputError("input.uri mixes storage schemes; give paths on one storage")
-    files = storage.list_parquet(uris)
-    paths = [f.path for f in files]
-    schemas = _schemas(storage, paths)
+    footers = read_footers(storage, storage.list_parquet(uris))
+    paths = [f.info.path for f in footers]
+    schemas = [f.schema for f in footers]
     corpus = config.input.corpus_uri is not None
     layout = records.detect_layout(schemas[0], storage.uri(paths[0]), corpus)
     for path, schema in zip(paths[1:], schemas[1:]):
@@ -407,16 +361,16 @@ def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[FileInfo], Inp
                 f"{'; '.join(records.layout_differences(layout, other, storage.uri(paths[0]), storage.uri(path)))}; "
                 "all input files must share one layout and column types"
             )
-    return storage, files, layout, schemas[0]
+    return storage, footers, layout, schemas[0]
 
 
-def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[FileInfo]]:
+def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[Footer]]:
     """Check the corpus files' columns, and that no doc_id appears twice (a pair would join two texts)."""
     storage = Storage.for_uri(config.input.corpus_uri, config.storage)
-    files = storage.list_parquet(config.input.corpus_uri)
-    paths = [f.path for f in files]
-    for path, schema in zip(paths, _schemas(storage, paths)):
-        records.check_corpus(schema, storage.uri(path), layout.doc_id_type)
+    footers = read_footers(storage, storage.list_parquet(config.input.corpus_uri))
+    paths = [f.info.path for f in footers]
+    for path, footer in zip(paths, footers):
+        records.check_corpus(footer.schema, storage.uri(path), layout.doc_id_type)
     ids = pa.chunked_array(
         [c for p in paths for c in storage.read_column(p, "doc_id").cast(layout.doc_id_type).chunks],
         type=layout.doc_id_type,
@@ -428,33 +382,7 @@ def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storag
             f"the corpus {config.input.corpus_uri} holds doc_id {dup!r} more than once; doc_ids must be unique "
             "(deduplicate the corpus first)"
         )
-    return storage, files
-
-
-def plan_units(storage: Storage, files: list[str], layout: InputLayout, unit_rows: int) -> tuple[list[Unit], int]:
-    """Cut every file into units of about unit_rows pairs (packed rows count their mean candidates); returns the
-    units and the input's row count. Zero-row files give no unit."""
-
-    def rows_and_weight(path: str) -> tuple[int, float]:
-        with storage.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            rows = pf.metadata.num_rows
-            if layout.layout != PACKED or rows == 0 or pf.metadata.num_row_groups == 0:
-                return rows, 1.0
-            lengths = pc.list_value_length(pf.read_row_group(0, columns=["candidates"]).column("candidates"))
-            return rows, max(1.0, pc.mean(lengths).as_py() or 1.0)
-
-    try:
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
-            sizes = list(pool.map(rows_and_weight, files))
-    except Exception as err:  # noqa: BLE001
-        raise InputError(f"cannot read the Parquet metadata of the input: {type(err).__name__}: {err}") from None
-    units, total = [], 0
-    for path, (rows, weight) in zip(files, sizes):
-        total += rows
-        step = max(1, int(unit_rows / weight))
-        units += [Unit.of(path, s, min(rows, s + step)) for s in range(0, rows, step)]
-    return units, total
+    return storage, footers
 
 
 def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
@@ -543,15 +471,19 @@ class JobPlan:
 
     config: RerankJobConfig
     storage: Storage
-    files: list[FileInfo]
+    footers: list[Footer]  # each input file's, read once by the plan
     layout: InputLayout
     schema: pa.Schema
-    corpus: tuple[Storage, list[FileInfo]] | None
+    corpus: tuple[Storage, list[Footer]] | None
     model: dict[str, Any]
     out_storage: Storage
     out_path: str
     state: str
     fingerprint: dict[str, Any]
+
+    @property
+    def files(self) -> list[FileInfo]:
+        return [f.info for f in self.footers]
 
     @property
     def paths(self) -> list[str]:
@@ -578,9 +510,9 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     out_storage = Storage.for_uri(config.output.uri, config.storage)
     out_path = out_storage.path(config.output.uri)
     if out_storage.protocol == storage.protocol:
-        protect = [f.path for f in files] + _input_roots(storage, config.input.uri)
+        protect = [f.info.path for f in files] + _input_roots(storage, config.input.uri)
         if corpus:
-            protect += [f.path for f in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
+            protect += [f.info.path for f in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
         for other in protect:
             o = other.rstrip("/")
             if o == out_path or o.startswith(out_path + "/") or out_path.startswith(o + "/"):
@@ -724,13 +656,14 @@ def _run_leased(
         if plan.corpus is not None:
             unit_storage, unit_files = _join_corpus(config, plan, buckets)
             layout = _joined_layout(layout)
+            unit_footers = read_footers(unit_storage, unit_files)
         else:
-            unit_files = plan.paths
-        units, _ = plan_units(unit_storage, unit_files, layout, config.scale.unit_rows)
-        manifest["units"] = [[u.uid, u.path, u.start, u.end] for u in units]
+            unit_footers = plan.footers
+        units, _ = plan_units(unit_footers, layout, config.scale.unit_rows)
+        manifest["units"] = [u.to_list() for u in units]
         progress.write_manifest(manifest)
     else:
-        units = [Unit(uid, path, start, end) for uid, path, start, end in manifest["units"]]
+        units = [Unit.from_list(row) for row in manifest["units"]]
         if plan.corpus is not None:
             unit_storage, layout = plan.out_storage, _joined_layout(layout)
 
@@ -809,7 +742,7 @@ def _joined_layout(layout: InputLayout) -> InputLayout:
     )
 
 
-def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tuple[Storage, list[str]]:
+def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tuple[Storage, list[FileInfo]]:
     """Candidates joined with the corpus text (Ray Data), written under _work/joined/; its files are the units'
     input. Packed candidates are flattened first; a row whose doc_id the corpus lacks keeps a null text."""
     import ray.data
@@ -822,7 +755,7 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
     ds = ds.map_batches(_flatten_for_join, batch_format="pyarrow", fn_kwargs={"layout": layout})
     corpus_storage, corpus_files = plan.corpus
     docs = ray.data.read_parquet(
-        [f.path for f in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
+        [f.info.path for f in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
     ).map_batches(_cast_corpus, batch_format="pyarrow", fn_kwargs={"doc_id_type": layout.doc_id_type})
     ds = ds.join(docs, join_type="left_outer", num_partitions=max(2, partitions), on=("doc_id",))
     ds = ds.map_batches(
@@ -834,7 +767,7 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
         ds.write_parquet(plan.out_storage.uri(joined), filesystem=plan.out_storage.arrow_fs)
     except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
         raise _as_input_error(err) from None
-    return plan.out_storage, [f.path for f in plan.out_storage.list_parquet(plan.out_storage.uri(joined))]
+    return plan.out_storage, plan.out_storage.list_parquet(plan.out_storage.uri(joined))
 
 
 def _flatten_for_join(batch: pa.Table, *, layout: InputLayout) -> pa.Table:
@@ -862,6 +795,94 @@ def _cast_corpus(batch: pa.Table, *, doc_id_type: pa.DataType) -> pa.Table:
     )
 
 
+class _WorkQueue:
+    """Units waiting to be scored, grouped in chains (the slices of one large row group, see `pipelines.reads`;
+    any other unit is a chain of one). An actor is handed its chain's units in order, so its reader decodes each
+    row once; a free chain goes to the next actor that asks; when none is free, an idle actor takes the second
+    half of the longest chain another holds (its reader decodes the skipped rows once more). Every operation is
+    O(1) but stealing, which is O(actors). A chain is stolen from only while it has STEAL_MIN units waiting:
+    the thief decodes the rows before its half again, worth it only for a long tail."""
+
+    STEAL_MIN = 4
+
+    def __init__(self, units: list[Unit]):
+        self.pending: dict[str, collections.deque] = {}
+        self.key_of: dict[str, str] = {}
+        for u in units:
+            key = u.chain or u.uid
+            self.pending.setdefault(key, collections.deque()).append(u)
+            self.key_of[u.uid] = key
+        self.free = collections.deque(self.pending)  # chains no actor holds, in input order
+        self.is_free = set(self.pending)
+        self.current: dict[Any, str] = {}  # actor -> the chain it holds
+        self.held: dict[str, Any] = {}  # chain -> its actor
+        self.size = len(units)
+        self.steals = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def take(self, actor: Any) -> Unit | None:
+        key = self.current.get(actor)
+        if key is not None and self.pending.get(key):
+            return self._pop(key)
+        self._release(actor)
+        while self.free:
+            key = self.free.popleft()
+            self.is_free.discard(key)
+            if self.pending.get(key):
+                return self._hold(actor, key)
+        victim = max(
+            (k for k in self.held if len(self.pending.get(k, ())) >= self.STEAL_MIN),
+            key=lambda k: len(self.pending[k]),
+            default=None,
+        )
+        if victim is None:
+            return None
+        q = self.pending[victim]
+        tail = collections.deque(q.pop() for _ in range(len(q) // 2))
+        tail.reverse()
+        self.steals += 1
+        key = f"{victim}~{self.steals}"
+        self.pending[key] = tail
+        for u in tail:
+            self.key_of[u.uid] = key
+        return self._hold(actor, key)
+
+    def put_back(self, unit: Unit) -> None:
+        """A unit to score again (its attempt failed): first in its chain."""
+        key = self.key_of[unit.uid]
+        self.pending.setdefault(key, collections.deque()).appendleft(unit)
+        self.size += 1
+        if key not in self.held and key not in self.is_free:
+            self.free.appendleft(key)
+            self.is_free.add(key)
+
+    def drop_actor(self, actor: Any) -> None:
+        """An actor that died: the rest of its chain is free for the others."""
+        self._release(actor)
+
+    def _release(self, actor: Any) -> None:
+        key = self.current.pop(actor, None)
+        if key is None:
+            return
+        self.held.pop(key, None)
+        if self.pending.get(key) and key not in self.is_free:
+            self.free.appendleft(key)
+            self.is_free.add(key)
+
+    def _hold(self, actor: Any, key: str) -> Unit:
+        self.current[actor], self.held[key] = key, actor
+        return self._pop(key)
+
+    def _pop(self, key: str) -> Unit:
+        self.size -= 1
+        unit = self.pending[key].popleft()
+        if not self.pending[key]:
+            del self.pending[key]
+        return unit
+
+
 def _score_units(
     spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], config: RerankJobConfig, timings: dict[str, float]
 ) -> int:
@@ -885,7 +906,7 @@ def _score_units(
     ready: list[Any] = []
     load: collections.Counter = collections.Counter()
     inflight: dict[Any, tuple[Any, Unit]] = {}
-    queue = collections.deque(units)
+    queue = _WorkQueue(units)
     attempts: collections.Counter = collections.Counter()
     lost: collections.Counter = collections.Counter()  # deaths per actor, against scale.max_restarts
     started = last_log = time.monotonic()
@@ -900,7 +921,9 @@ def _score_units(
                     probing[actor.ready.remote()] = actor
             for actor in ready:
                 while queue and load[actor] < UNITS_IN_FLIGHT_PER_ACTOR:
-                    unit = queue.popleft()
+                    unit = queue.take(actor)
+                    if unit is None:
+                        break
                     inflight[actor.run.remote(unit)] = (actor, unit)
                     load[actor] += 1
             if not inflight and not probing and not reprobe_at:
@@ -987,6 +1010,7 @@ def _score_units(
                 _retry(unit, attempts, config, queue, f"its actor died: {_root_cause(err)}")
                 if actor in ready:  # a restarted actor answers ready() again; a dead one raises
                     ready.remove(actor)
+                    queue.drop_actor(actor)
                     lost[actor] += 1
                     probing[actor.ready.remote()] = actor
                 continue
@@ -1003,7 +1027,7 @@ def _score_units(
     return sum(attempts.values())
 
 
-def _retry(unit: Unit, attempts: collections.Counter, config: RerankJobConfig, queue: collections.deque, why: str):
+def _retry(unit: Unit, attempts: collections.Counter, config: RerankJobConfig, queue: _WorkQueue, why: str):
     attempts[unit.uid] += 1
     if attempts[unit.uid] > config.scale.unit_retries:
         raise JobError(
@@ -1011,7 +1035,7 @@ def _retry(unit: Unit, attempts: collections.Counter, config: RerankJobConfig, q
             f"last: {why}"
         )
     log.warning("rerank: retrying unit %s (attempt %d): %s", unit.uid, attempts[unit.uid] + 1, why)
-    queue.appendleft(unit)
+    queue.put_back(unit)
 
 
 def _root_cause(err: BaseException) -> str:
@@ -1046,7 +1070,10 @@ def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, commits: dict[str,
         raise JobError(f"the final top-N failed: {_root_cause(err)}") from None
 
     reasons: collections.Counter = collections.Counter()
+    rows, decoded = 0, 0
     for record in commits.values():
+        rows += record.get("rows", 0)
+        decoded += record.get("rows_decoded", 0)
         summary.pairs_in += record["pairs_in"]
         summary.pairs_scored += record["pairs_scored"]
         summary.windows_scored += record.get("windows_scored", 0)
@@ -1055,6 +1082,7 @@ def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, commits: dict[str,
     if duplicates:
         reasons[records.DUPLICATE] += duplicates
         summary.pairs_scored -= duplicates
+    summary.read_amplification = round(decoded / rows, 4) if rows else 0.0
     summary.rejected_by_reason = dict(sorted(reasons.items()))
     summary.rejected = sum(reasons.values())
     summary.rows_written = sum(r["rows"] for r in results)

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.errors import ConfigError
 
@@ -28,9 +37,18 @@ class StorageConfig(_Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO).")
     region: str | None = Field(None, description="AWS region of the bucket.")
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/config.")
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    access_key_id: SecretStr | None = Field(
+        None,
+        description="Deprecated: set AWS_ACCESS_KEY_ID in the environment (or use a profile / instance role). "
+        "Accepted only by a local `rerank run`, which moves it into the environment before Ray "
+        "starts; a job joining a cluster refuses it, because it would travel in Ray's metadata. Never written out.",
+    )
+    secret_access_key: SecretStr | None = Field(
+        None, description="Deprecated, as access_key_id: set AWS_SECRET_ACCESS_KEY in the environment instead."
+    )
+    session_token: SecretStr | None = Field(
+        None, description="Deprecated, as access_key_id: set AWS_SESSION_TOKEN in the environment instead."
+    )
     anon: bool = Field(False, description="Anonymous access to public buckets.")
     retries: int = Field(
         5,
@@ -43,6 +61,21 @@ class StorageConfig(_Strict):
     read_timeout_s: float = Field(
         15.0, gt=0, description="Seconds S3 may stay silent on an open request before it is retried."
     )
+
+    #: The credential fields and the standard AWS environment variables that carry them instead.
+    CREDENTIAL_ENV: ClassVar[dict[str, str]] = {
+        "access_key_id": "AWS_ACCESS_KEY_ID",
+        "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+        "session_token": "AWS_SESSION_TOKEN",
+    }
+
+    @property
+    def has_credentials(self) -> bool:
+        return any(getattr(self, name) is not None for name in self.CREDENTIAL_ENV)
+
+    def without_credentials(self) -> StorageConfig:
+        """This config with the keys removed: what may travel to Ray workers or be written out."""
+        return self.model_copy(update={name: None for name in self.CREDENTIAL_ENV})
 
 
 class ModelConfig(_Strict):
@@ -252,6 +285,13 @@ class OutputConfig(_Strict):
         "interrupted run of the same job (only unfinished input units are redone); a finished one is left as is.",
     )
     rows_per_file: int = Field(1_000_000, ge=1, description="Upper bound on rows per output Parquet file.")
+    lease_timeout_s: float = Field(
+        60.0,
+        ge=1,
+        description="One job per output folder: a running job holds a lease in _work/ (naming its host and pid) and "
+        "renews it every lease_timeout_s / 4; any other run is refused. A lease not renewed for this long (its run "
+        "was killed) can be taken over by --resume or output.mode=overwrite.",
+    )
 
 
 class ScaleConfig(_Strict):

@@ -180,23 +180,6 @@ class Storage:
             return ""
         return f" (bucket {bucket!r} does not exist or is not visible with these credentials)"
 
-    def identity(self, info: FileInfo) -> str:
-        """What a resume compares to tell a file is unchanged: on S3 its size and ETag (and version id when the
-        bucket is versioned), read from the listing; on local disk its size, modification time and a hash of its
-        Parquet footer (schema, row groups and their statistics), one small read."""
-        if self.protocol != "file":
-            return f"size={info.size};{info.version}"
-        try:
-            with open(info.path, "rb") as f:
-                f.seek(max(0, info.size - 8))
-                tail = f.read(8)
-                footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
-                f.seek(max(0, info.size - 8 - footer_len))
-                footer = f.read(footer_len + 8)
-        except OSError as err:
-            raise InputError(f"cannot read {info.path}: {_short(err)}") from None
-        return f"size={info.size};{info.version};footer={hashlib.sha1(footer).hexdigest()}"
-
     def read_schema(self, path: str) -> pa.Schema:
         try:
             with self.fs.open(path, "rb") as f:
