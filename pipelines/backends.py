@@ -121,27 +121,31 @@ def _have(backend: str) -> bool:
 #: CPU preferences of `auto`, fastest first, per cpu_family: only combinations measured within 1% nDCG@10 of
 #: float32 torch at K = 10, 20 and 100 on Cranfield (README, "Backends and precision"), each taken only when its
 #: packages are installed; no usable one leaves torch (bfloat16 autocast with native bfloat16, else float32).
-#: - vnni+bf16: measured on a 2-core AMD EPYC with AVX512-VNNI/BF16: openvino bfloat16 6.8x the plain float32 loop
-#:   in-process, torch bfloat16 4.8x, onnx int8 4.9x; openvino int8 (8.5x) lost 1.4% nDCG@10 at K=100 there and
-#:   is not used.
-#: - amx: the vnni+bf16 order (AMX adds bf16 and int8 tiles: bfloat16 gains most; not measured by this project).
-#: - vnni without native bf16 (Cascade Lake, Ice Lake, Alder Lake+): onnx int8, whose U8S8 dot products do not
-#:   saturate with VNNI (its quality measured on the VNNI EPYC; its speed there 4.9x, above onnx float32's 3.6x).
-#: - avx2: measured on a 2-core AVX2 EPYC: onnx float32 1.07-1.25x torch float32; openvino int8 0.8x and bfloat16
-#:   emulated (7x slower), so neither is used.
+#: Later entries serve a fixed backend or dtype (`backend: onnx, dtype: auto`; `backend: auto, dtype: int8`).
+#: - vnni+bf16, measured on a 2-core AMD EPYC with AVX512-VNNI/BF16 (in-process, x the plain float32 loop):
+#:   openvino bfloat16 6.8x; openvino int8 (first layer outside int8, in bfloat16 here) about 1.3x that, but its
+#:   activation ranges are calibrated on Cranfield, which a bfloat16 model does not depend on (a held-out domain
+#:   risks more than the -0.7% it showed at K=20); torch bfloat16 4.8x; onnx int8 4.9x.
+#: - amx: the vnni+bf16 order (AMX adds bf16 and int8 tiles; not measured by this project).
+#: - vnni without native bf16 (Cascade Lake, Ice Lake, Alder Lake and later client cores): openvino int8 with the
+#:   first layer in float32 (its quality measured on the VNNI EPYC: +1.1% / +0.6% / +0.1%; static scales), then
+#:   onnx int8, whose U8S8 dot products do not saturate with VNNI (-0.1% at K=100 there).
+#: - avx2, measured on a 2-core AVX2 EPYC: onnx float32 1.07-1.25x torch float32; openvino int8 0.8x and bfloat16
+#:   emulated (7x slower); onnx int8 U8S8 lost 1.5% (saturation; U8U8 keeps 1% but its speed there is unmeasured).
 AUTO_CPU_ORDER: dict[str, tuple[tuple[str, str], ...]] = {
-    "amx": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("onnx", "int8")),
-    "vnni+bf16": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("onnx", "int8")),
-    "vnni": (("onnx", "int8"), ("onnx", "float32")),
+    "amx": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("openvino", "int8"), ("onnx", "int8")),
+    "vnni+bf16": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("openvino", "int8"), ("onnx", "int8")),
+    "vnni": (("openvino", "int8"), ("onnx", "int8"), ("onnx", "float32")),
     "avx2": (("onnx", "float32"),),
     "other": (),
 }
 
 _AUTO_WHY = {
-    "amx": "AMX bf16 tiles and native bfloat16: OpenVINO bfloat16, within 1% nDCG@10 of float32",
-    "vnni+bf16": "native bfloat16 (avx512_bf16): OpenVINO bfloat16 measured fastest within 1% nDCG@10 of float32 "
-    "(its int8 was faster but lost 1.4% at K=100)",
-    "vnni": "int8 dot products (VNNI) without native bfloat16: ONNX Runtime int8, which keeps nDCG@10 with VNNI",
+    "amx": "AMX and native bfloat16: OpenVINO bfloat16, within 1% nDCG@10 of float32 and independent of calibration data",
+    "vnni+bf16": "native bfloat16 (avx512_bf16): OpenVINO bfloat16 measured 6.8x the plain float32 loop within 0.2% "
+    "nDCG@10 of float32; int8 was faster but depends on calibration data",
+    "vnni": "int8 dot products (VNNI) without native bfloat16: OpenVINO static int8 (first layer in float32), "
+    "within 1% nDCG@10 of float32",
     "avx2": "AVX2 without VNNI or native bfloat16: int8 and bfloat16 are slow or lose quality here; ONNX Runtime "
     "float32 (fused) is lossless and faster than torch",
     "other": "no x86 feature flags (e.g. Arm, macOS): torch, the measured default",
@@ -201,8 +205,10 @@ def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig
             else:
                 backend = "torch"
                 dtype = "bfloat16" if native_bf16() else "float32"
-                reason = _AUTO_WHY[family] if family == "other" else (
-                    f"{_AUTO_WHY[family]}; its packages are not installed ({_EXTRA}), so torch"
+                reason = (
+                    _AUTO_WHY[family]
+                    if family == "other"
+                    else (f"{_AUTO_WHY[family]}; its packages are not installed ({_EXTRA}), so torch")
                 )
     elif backend == "auto":  # a fixed dtype
         candidates = ["torch"] if device.type == "cuda" or config.kind == "causal-lm" else []
@@ -748,23 +754,29 @@ _FIRST_LAYER = re.compile(r"/encoder/layers?\.0/")
 
 
 def onnx_int8_settings() -> dict[str, Any]:
-    """ONNX Runtime dynamic int8 settings for this CPU. ONNX Runtime's default U8S8 kernels on AVX2/AVX512 without
-    VNNI multiply with vpmaddubsw, whose 16-bit sums of two uint8 x int8 products saturate; that is what lost
-    1.5% nDCG@10 at K=100 on the AVX2 EPYC, while the same model kept it on a VNNI CPU (vpdpbusd sums in 32 bits).
-    Without VNNI the weights are therefore quantised to 7 bits (reduce_range), which cannot saturate."""
-    return {"reduce_range": not vnni(), "per_channel": True, "float32_layers": "first"}
+    """ONNX Runtime dynamic int8 settings for this CPU (part of the export's cache key).
+
+    ONNX Runtime's default format, U8S8 (uint8 activations, int8 weights), multiplies on AVX2/AVX512 without VNNI
+    with vpmaddubsw, whose 16-bit sum of two uint8 x int8 products saturates: that is what lost 1.5% nDCG@10 at
+    K=100 on the AVX2 EPYC, while the same model kept it (-0.1%) on a VNNI EPYC, where vpdpbusd sums in 32 bits.
+    Without VNNI the weights are therefore uint8 too (U8U8, widened to 16 bits before multiplying: no saturation):
+    -0.9% at K=100 measured (its integer arithmetic does not depend on the CPU). 7-bit weights (reduce_range)
+    also avoid saturation but lost 2.1%."""
+    if vnni():
+        return {"reduce_range": False, "per_channel": True, "float32_layers": "first"}
+    return {"reduce_range": False, "per_channel": True, "float32_layers": "first", "weights": "uint8"}
 
 
 def quantize_onnx_int8(config: ModelConfig, fingerprint: str, uses_tt: bool) -> Path:
-    """ONNX Runtime dynamic quantisation: QInt8 weights with one scale per output channel, uint8 activations
-    quantised per call, and the first encoder layer left in float32.
+    """ONNX Runtime dynamic quantisation: 8-bit weights with one scale per output channel (int8 with VNNI, uint8
+    without: onnx_int8_settings), uint8 activations quantised per call, and the first encoder layer left in
+    float32.
 
     Measured on the MiniLM weights (Cranfield, BM25 top 100, nDCG@10 against float32 torch, one run): per-tensor
     weights -3.5%, per-channel -1.7%, per-channel with the first layer in float32 -0.04% (the embeddings' sum and
     its layer norm are what 8-bit activations hurt most; the other five layers in int8 lost 1.4% when the last
-    one was kept instead). Full 8-bit weights: on an AVX2 CPU without VNNI, reduce_range (7-bit weights) doubled
-    the score drift for no speed gain. The activation scale is per call, so a pair's score moves slightly with
-    the other pairs of its micro-batch."""
+    one was kept instead). The activation scale is per call, so a pair's score moves slightly with the other
+    pairs of its micro-batch (README: the spread)."""
     src = export_onnx(config, fingerprint, uses_tt)
     settings = onnx_int8_settings()
 
@@ -819,6 +831,18 @@ def _calibration_inputs(tokenizer, config: ModelConfig, uses_tt: bool, max_lengt
     return out
 
 
+#: OpenVINO int8 on a CPU with native bfloat16: the operations left out of int8 run in bfloat16 instead of float32.
+OPENVINO_INT8_BF16 = True
+
+
+def openvino_int8_settings() -> dict[str, Any]:
+    """NNCF static quantisation settings (part of the export's cache key): the first encoder layer's matmuls stay
+    in float32 and SmoothQuant is off. Measured on the MiniLM weights (Cranfield, BM25 top 100, nDCG@10 against
+    float32 at K = 10 / 20 / 100, a VNNI EPYC): NNCF's defaults -0.1% / -0.7% / -1.4%; first layer in float32
+    +0.2% / -0.2% / -0.4%; that and no SmoothQuant +1.1% / +0.6% / +0.1%; the MIXED preset as the defaults."""
+    return {"float32_layers": "first", "preset": "performance", "smooth_quant": False}
+
+
 def export_openvino(config: ModelConfig, fingerprint: str, uses_tt: bool, dtype: str, tokenizer, max_length: int):
     """OpenVINO IR converted from the ONNX export (weights kept float32); for int8, NNCF static quantisation
     calibrated on the bundled Cranfield pairs. Cached."""
@@ -838,14 +862,28 @@ def export_openvino(config: ModelConfig, fingerprint: str, uses_tt: bool, dtype:
     if dtype != "int8":
         return fp32 / "model.xml"
 
+    settings = openvino_int8_settings()
+
     def build_int8(tmp: Path) -> None:
         import nncf
 
         core = ov.Core()
         model = core.read_model(str(fp32 / "model.xml"))
         data = _calibration_inputs(tokenizer, config, uses_tt, max_length)
+        kwargs: dict[str, Any] = {}
+        if settings["float32_layers"] == "first":
+            names = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
+            first = [n for n in names if _FIRST_LAYER.search(n)]
+            if first:
+                kwargs["ignored_scope"] = nncf.IgnoredScope(names=first)
+        if settings["preset"] == "mixed":
+            kwargs["preset"] = nncf.QuantizationPreset.MIXED
+        if settings["smooth_quant"] is False:
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+            kwargs["advanced_parameters"] = AdvancedQuantizationParameters(smooth_quant_alpha=-1)
         quantized = nncf.quantize(
-            model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data)
+            model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data), **kwargs
         )
         ov.save_model(quantized, str(tmp / "model.xml"), compress_to_fp16=False)
 
@@ -860,6 +898,7 @@ def export_openvino(config: ModelConfig, fingerprint: str, uses_tt: bool, dtype:
         nncf=nncf.__version__,
         n=CALIBRATION_PAIRS,
         max_length=max_length,
+        **settings,
     )
     return cached(target, build_int8, "openvino-int8") / "model.xml"
 
@@ -921,6 +960,8 @@ class OpenVinoBackend(Backend):
         path = export_openvino(config, fingerprint, self.uses_token_type_ids, config.dtype, tokenizer, max_length)
         self.head_only = export_is_head_only(export_onnx(config, fingerprint, self.uses_token_type_ids))
         precision = {"bfloat16": "bf16", "float16": "f16"}.get(config.dtype, "f32")
+        if config.dtype == "int8" and OPENVINO_INT8_BF16 and native_bf16():
+            precision = "bf16"  # what stays out of int8 (the first layer, softmax, layer norms) runs in bfloat16
         props = {"INFERENCE_NUM_THREADS": _threads(config), "INFERENCE_PRECISION_HINT": precision}
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", props)

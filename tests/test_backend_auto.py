@@ -33,7 +33,7 @@ def _auto(**kw) -> ModelConfig:
     "flags,family,backend,dtype",
     [
         (AVX2, "avx2", "onnx", "float32"),
-        (VNNI, "vnni", "onnx", "int8"),
+        (VNNI, "vnni", "openvino", "int8"),
         (VNNI_BF16, "vnni+bf16", "openvino", "bfloat16"),
         (AMX, "amx", "openvino", "bfloat16"),
         ((), "other", "torch", "float32"),
@@ -84,9 +84,11 @@ def test_auto_for_one_half_of_the_pair(monkeypatch):
     assert backends.resolve_auto(_auto(dtype="int8"), cpu)[0].backend in ("onnx", "openvino")
     _flags(monkeypatch, VNNI)
     assert backends.resolve_auto(_auto(backend="onnx"), cpu)[0].dtype == "int8"
+    assert backends.resolve_auto(_auto(backend="openvino"), cpu)[0].dtype == "int8"
     _flags(monkeypatch, VNNI_BF16)
     assert backends.resolve_auto(_auto(backend="torch"), cpu)[0].dtype == "bfloat16"
     assert backends.resolve_auto(_auto(dtype="bfloat16"), cpu)[0].backend == "openvino"
+    assert backends.resolve_auto(_auto(dtype="int8"), cpu)[0].backend == "openvino"
     fixed = ModelConfig(name_or_path="x", backend="onnx", dtype="int8")
     assert backends.resolve_auto(fixed, cpu) == (fixed, None)
 
@@ -129,7 +131,9 @@ def test_the_choice_is_recorded_where_the_model_is_described(tiny_cross_encoder,
 def test_onnx_float32_is_fused_and_matches_torch(tiny_cross_encoder, tiny_bi_encoder, tmp_path):
     for path, kind in ((tiny_cross_encoder, "cross-encoder"), (tiny_bi_encoder, "bi-encoder")):
         base = Scorer(ModelConfig(name_or_path=path, kind=kind, max_length=128))
-        fused = Scorer(ModelConfig(name_or_path=path, kind=kind, max_length=128, backend="onnx", cache_dir=str(tmp_path)))
+        fused = Scorer(
+            ModelConfig(name_or_path=path, kind=kind, max_length=128, backend="onnx", cache_dir=str(tmp_path))
+        )
         assert fused.backend.fused
         np.testing.assert_allclose(fused.score(QUERIES, PASSAGES), base.score(QUERIES, PASSAGES), atol=1e-4)
     import onnx
@@ -140,17 +144,34 @@ def test_onnx_float32_is_fused_and_matches_torch(tiny_cross_encoder, tiny_bi_enc
 
 def test_a_fusion_that_does_not_match_keeps_the_export(tiny_cross_encoder, tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "FUSION_TOLERANCE", -1.0)  # nothing matches
-    scorer = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, backend="onnx", cache_dir=str(tmp_path)))
+    scorer = Scorer(
+        ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, backend="onnx", cache_dir=str(tmp_path))
+    )
     assert not scorer.backend.fused
     base = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128))
     np.testing.assert_allclose(scorer.score(QUERIES, PASSAGES), base.score(QUERIES, PASSAGES), atol=1e-4)
 
 
-def test_int8_settings_follow_vnni(monkeypatch):
+def test_int8_weights_follow_vnni(tiny_cross_encoder, tmp_path, monkeypatch):
+    """Without VNNI, ONNX Runtime's U8S8 kernels can saturate (vpmaddubsw): the weights become uint8 (U8U8)."""
+    import onnx
+
+    def weight_types() -> set[int]:
+        scorer = Scorer(
+            ModelConfig(
+                name_or_path=tiny_cross_encoder, max_length=128, backend="onnx", dtype="int8", cache_dir=str(tmp_path)
+            )
+        )
+        graph = onnx.load(str(scorer.backend.path)).graph
+        init = {i.name: i.data_type for i in graph.initializer}
+        return {init[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in init}
+
     _flags(monkeypatch, AVX2)
-    assert backends.onnx_int8_settings()["reduce_range"] is True  # 7-bit weights: no vpmaddubsw saturation
+    assert backends.onnx_int8_settings()["weights"] == "uint8"
+    assert weight_types() == {onnx.TensorProto.UINT8}
     _flags(monkeypatch, VNNI)
-    assert backends.onnx_int8_settings()["reduce_range"] is False
+    assert "weights" not in backends.onnx_int8_settings() and not backends.onnx_int8_settings()["reduce_range"]
+    assert weight_types() == {onnx.TensorProto.INT8}
 
 
 def _spread(scorer: Scorer) -> float:
@@ -171,7 +192,9 @@ def _spread(scorer: Scorer) -> float:
 def test_a_pairs_score_does_not_depend_on_its_micro_batch(tiny_cross_encoder, tmp_path, backend, dtype):
     """Static scales (float32, bfloat16, OpenVINO's static int8): a pair scores the same alone and in any batch,
     to 1e-3 relative to the score's size (the tiny model's scores span several units)."""
-    cfg = ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, backend=backend, dtype=dtype, cache_dir=str(tmp_path))
+    cfg = ModelConfig(
+        name_or_path=tiny_cross_encoder, max_length=128, backend=backend, dtype=dtype, cache_dir=str(tmp_path)
+    )
     scorer = Scorer(cfg)
     if scorer.config.backend == "onnx" and scorer.config.dtype == "int8":
         pytest.skip("dynamic int8 computes its activation scale per call (README states the spread)")
