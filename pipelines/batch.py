@@ -3,19 +3,22 @@
 This module wires the job to Ray; it expects Ray to be running (entry points start it) and never collects the
 data on the driver. The shape (see ``pipelines.progress`` for the files it leaves next to the output):
 
-1. **Plan** (no Ray): list the input files, check their layout, the model, the corpus and the output, and cut
-   the input into *units*: slices of one file of about ``scale.unit_rows`` pairs.
+1. **Plan** (no Ray): list the input files, read each one's footer once, check their layout, the model, the
+   corpus and the output, and cut the input into *units* along row groups (``pipelines.reads``): whole row
+   groups of about ``scale.unit_rows`` pairs, or slices of a larger one.
 2. **Score** (an actor pool, map-only): an actor reads a unit, rejects bad rows with a reason, drops duplicate
    pairs, scores the rest and keeps the top-N of every query the unit holds (a query's global top-N is among
-   the union of these). It commits the unit: its partial top-N (one row group per reduce bucket, a query's
-   bucket fixed by a hash of its id), its rejects and its counts, under names fixed by the unit. A retried or
-   resumed unit rewrites the same files; a unit that did not commit is redone. A corpus join, when asked, runs
-   first as a Ray Data join whose result becomes the units' input.
-3. **Reduce** (one task per bucket, cheap and simply rerun): the partials of a bucket -> one copy per
-   (query_id, doc_id) -> the final top-N -> result files, each written atomically.
+   the union of these). It commits the unit: its partial top-N, its rejects and its counts, under names fixed
+   by the unit. A retried or resumed unit rewrites the same files; a unit that did not commit is redone. A
+   corpus join, when asked, runs first as a Ray Data join whose result becomes the units' input.
+3. **Reduce** (Ray tasks, cheap and simply rerun), in two rounds so that its reads grow with units + groups x
+   buckets, not units x buckets: groups of ``MERGE_FANIN`` units' partials -> one file each with a row group
+   per reduce bucket (a query's bucket fixed by a hash of its id), their rejects -> one file each in
+   ``_rejects/``; then per bucket: its row groups -> one copy per (query_id, doc_id) -> the final top-N ->
+   result files, each written atomically.
 4. **Check and publish**: counts from the commits (never from a live counter, so retries cannot double them),
-   ``pairs_in == pairs_scored + rejected``, every query with a scored pair present exactly once with ranks
-   1..n; then ``_summary.json`` and ``_SUCCESS``.
+   streamed, summed and dropped; ``pairs_in == pairs_scored + rejected``, every query with a scored pair present
+   exactly once with ranks 1..n, every reject written; then ``_summary.json`` and ``_SUCCESS``.
 
 The actors are plain Ray actors with small constructor arguments (no object-store references, so a restart
 never depends on evicted objects) and explicit fault settings: a dead actor is restarted up to
@@ -138,7 +141,6 @@ class WorkerSpec:
     input_protocol_uri: str
     output_uri: str
     top_n: int
-    buckets: int
     batch_rows: int
     max_text_bytes: int
     corpus: bool
@@ -196,13 +198,6 @@ def score_unit(
     rejects.append(non_finite)
 
     top = records.top_n_per_query(scored, spec.top_n, with_rank=False)
-    buckets = bucket_of(top.column("query_id"), spec.buckets)
-    order = np.argsort(buckets, kind="stable")
-    top, buckets = top.take(pa.array(order)), buckets[order]
-    present = sorted(set(buckets.tolist()))
-    starts = np.searchsorted(buckets, present)
-    ends = np.searchsorted(buckets, present, side="right")
-    groups = [top.slice(int(a), int(b - a)) for a, b in zip(starts, ends)]
 
     rejected = pa.concat_tables([r.cast(layout.reject_schema) for r in rejects])
     by_reason = {item["values"]: item["counts"] for item in pc.value_counts(rejected.column("reason")).to_pylist()}
@@ -212,7 +207,8 @@ def score_unit(
         "pairs_scored": scored.num_rows,
         "windows_scored": windows,
         "rejected": dict(sorted(by_reason.items())),
-        "buckets": {str(b): i for i, b in enumerate(present)},
+        "partial_rows": top.num_rows,
+        "rejected_rows": rejected.num_rows,
         "rows": rows_read,
         "rows_decoded": reader.rows_decoded - decoded_before,  # > rows: rows decoded again to reach a slice
         "node": node,
@@ -224,7 +220,7 @@ def score_unit(
         )
     progress.commit_unit(
         unit.uid,
-        _parquet_bytes(top, groups) if top.num_rows else None,
+        _parquet_bytes(top) if top.num_rows else None,
         _parquet_bytes(rejected) if rejected.num_rows else None,
         record,
     )
@@ -270,6 +266,43 @@ class ReduceSpec:
     output_uri: str
     top_n: int
     rows_per_file: int
+    buckets: int
+
+
+#: Units per merge task, the reduce's first round: each bucket's reducer then reads one row group per group of
+#: this many units, so the reduce makes about units + groups x buckets reads instead of units x buckets.
+MERGE_FANIN = 256
+
+
+def merge_group(group: int, partials: list[str], rejects: list[str], spec: ReduceSpec) -> dict[str, Any]:
+    """The first round of the reduce: a group of units' partials -> one file with a row group per bucket (a
+    query's bucket fixed by a hash of its id), and their rejects -> one published reject file. Each unit's files
+    are read once, whole."""
+    out = Storage.for_uri(spec.output_uri, spec.storage)
+    progress = Progress(out, out.path(spec.output_uri))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = list(pool.map(lambda uid: _read(out, progress.partial_path(uid), None), partials))
+        bad = list(pool.map(lambda uid: _read(out, progress.unit_rejects_path(uid), None), rejects))
+    placed: dict[str, int] = {}
+    if tables:
+        top = pa.concat_tables(tables)
+        buckets = bucket_of(top.column("query_id"), spec.buckets)
+        order = np.argsort(buckets, kind="stable")
+        top, buckets = top.take(pa.array(order)), buckets[order]
+        present = sorted(set(buckets.tolist()))
+        starts = np.searchsorted(buckets, present)
+        ends = np.searchsorted(buckets, present, side="right")
+        out.write_bytes(
+            progress.merged_path(group),
+            _parquet_bytes(top, [top.slice(int(a), int(b - a)) for a, b in zip(starts, ends)]),
+        )
+        placed = {str(b): i for i, b in enumerate(present)}
+    rejected_rows = 0
+    if bad:
+        merged = pa.concat_tables([t.cast(spec.layout.reject_schema) for t in bad])
+        out.write_parquet(progress.rejects_path(f"part-{group:05d}"), merged)
+        rejected_rows = merged.num_rows
+    return {"group": group, "buckets": placed, "rejected_rows": rejected_rows}
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
@@ -284,15 +317,16 @@ def output_schema(layout: InputLayout) -> pa.Schema:
     return pa.schema(fields)
 
 
-def reduce_bucket(bucket: int, parts: list[tuple[str, int]], spec: ReduceSpec, write_empty: bool) -> dict[str, Any]:
-    """The final top-N of one bucket's queries from the units' partials; writes result files and checks them."""
+def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, write_empty: bool) -> dict[str, Any]:
+    """The final top-N of one bucket's queries from the merged groups' row groups of it (`parts`: (group, row
+    group)); writes result files and checks them."""
     out = Storage.for_uri(spec.output_uri, spec.storage)
     progress = Progress(out, out.path(spec.output_uri))
 
-    def read(part: tuple[str, int]) -> pa.Table:
-        uid, group = part
-        with out.fs.open(progress.partial_path(uid), "rb") as f:
-            return pq.ParquetFile(f).read_row_group(group)
+    def read(part: tuple[int, int]) -> pa.Table:
+        group, row_group = part
+        with out.fs.open(progress.merged_path(group), "rb") as f:
+            return pq.ParquetFile(f).read_row_group(row_group)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         tables = list(pool.map(read, parts))
@@ -416,9 +450,11 @@ def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
 
 
 def _num_buckets(config: RerankJobConfig, total_bytes: int) -> int:
+    """scale.num_partitions, else one reduce bucket per BUCKET_BYTES of input (no cap: the reduce's reads grow
+    with groups x buckets, see merge_group)."""
     if config.scale.num_partitions:
         return config.scale.num_partitions
-    return max(1, min(128, math.ceil(total_bytes / BUCKET_BYTES)))
+    return max(1, math.ceil(total_bytes / BUCKET_BYTES))
 
 
 def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
@@ -692,7 +728,6 @@ def _run_leased(
         input_protocol_uri=unit_storage.uri(units[0].path) if units else config.output.uri,
         output_uri=config.output.uri,
         top_n=config.output.top_n,
-        buckets=buckets,
         batch_rows=config.scale.batch_rows,
         max_text_bytes=config.input.max_text_bytes,
         corpus=plan.corpus is not None,
@@ -701,7 +736,7 @@ def _run_leased(
     )
     timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
     retried = _score_units(spec, todo, scale, config, timings) if todo else 0
-    commits = progress.read_done([u.uid for u in units])
+    totals = _Totals.of(progress.read_done([u.uid for u in units]), {u.uid for u in todo})
 
     summary = JobSummary(
         output_uri=config.output.uri,
@@ -715,18 +750,17 @@ def _run_leased(
         scale=scale
         | {
             "reduce_buckets": buckets,
-            "units_by_node": dict(collections.Counter(c.get("node", "") for c in commits.values())),
+            "units_by_node": dict(totals.units_by_node),
         },
     )
     summary.fingerprint = plan.fingerprint
     lease.check()  # a run that lost the output folder to another must not touch its results
     reduce_started = time.perf_counter()
-    _reduce(plan, layout, buckets, commits, summary)
+    _reduce(plan, layout, buckets, totals, summary)
     timings["reduce_s"] = time.perf_counter() - reduce_started
     summary.timings_s = {k: round(v, 3) for k, v in timings.items()}
     summary.wall_time_s = round(time.perf_counter() - started, 3)
-    scored_now = sum(commits[u.uid]["pairs_scored"] for u in todo)
-    summary.pairs_per_s = round(scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
+    summary.pairs_per_s = round(totals.scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
     progress.finish(summary.to_dict(), lease)
     return summary
 
@@ -1046,43 +1080,81 @@ def _root_cause(err: BaseException) -> str:
     return line[:500]
 
 
-def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, commits: dict[str, dict], summary: JobSummary) -> None:
-    """The final top-N per bucket (Ray tasks), then the job's accounting, checked."""
+@dataclass
+class _Totals:
+    """What the driver keeps of the units' commit records, streamed: sums and, per unit, only whether it left a
+    partial or rejects (O(units) small values, no per-bucket maps)."""
+
+    pairs_in: int = 0
+    pairs_scored: int = 0
+    windows_scored: int = 0
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+    rejected_rows: int = 0
+    rows: int = 0
+    rows_decoded: int = 0
+    scored_now: int = 0  # pairs scored by this run (not before a resume)
+    units_by_node: collections.Counter = field(default_factory=collections.Counter)
+    with_partial: list[str] = field(default_factory=list)
+    with_rejects: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, commits: Any, now: set[str]) -> _Totals:
+        t = cls()
+        for uid, record in commits:
+            t.pairs_in += record["pairs_in"]
+            t.pairs_scored += record["pairs_scored"]
+            t.windows_scored += record.get("windows_scored", 0)
+            t.rejected.update(record["rejected"])
+            t.rejected_rows += record["rejected_rows"]
+            t.rows += record.get("rows", 0)
+            t.rows_decoded += record.get("rows_decoded", 0)
+            t.units_by_node[record.get("node", "")] += 1
+            if uid in now:
+                t.scored_now += record["pairs_scored"]
+            if record["partial_rows"]:
+                t.with_partial.append(uid)
+            if record["rejected_rows"]:
+                t.with_rejects.append(uid)
+        return t
+
+
+def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, totals: _Totals, summary: JobSummary) -> None:
+    """The final top-N in two rounds of Ray tasks (groups of MERGE_FANIN units merged, then one task per bucket),
+    then the job's accounting, checked."""
     import ray
 
     config = plan.config
     progress = plan.progress
     progress.clear_results()
-    parts: dict[int, list[tuple[str, int]]] = {b: [] for b in range(buckets)}
-    for uid, record in commits.items():
-        for bucket, group in record["buckets"].items():
-            parts[int(bucket)].append((uid, group))
-    spec = ReduceSpec(layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file)
+    spec = ReduceSpec(
+        layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file, buckets
+    )
+    partial, rejected = set(totals.with_partial), set(totals.with_rejects)
+    members = sorted(partial | rejected)  # units that left anything to merge, in a stable order
+    groups = [members[i : i + MERGE_FANIN] for i in range(0, len(members), MERGE_FANIN)]
+    merge = ray.remote(merge_group).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+    merged = _get(
+        [
+            merge.remote(g, [u for u in group if u in partial], [u for u in group if u in rejected], spec)
+            for g, group in enumerate(groups)
+        ]
+    )
+    parts: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for result in merged:
+        for bucket, row_group in result["buckets"].items():
+            parts[int(bucket)].append((result["group"], row_group))
     task = ray.remote(reduce_bucket).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
-    nonempty = [b for b in range(buckets) if parts[b]]
-    refs = [task.remote(b, parts[b], spec, False) for b in nonempty] or [task.remote(0, [], spec, True)]
-    try:
-        results = ray.get(refs)
-    except Exception as err:  # noqa: BLE001
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, RerankError):
-            raise cause from None
-        raise JobError(f"the final top-N failed: {_root_cause(err)}") from None
+    refs = [task.remote(b, parts[b], spec, False) for b in sorted(parts)] or [task.remote(0, [], spec, True)]
+    results = _get(refs)
 
-    reasons: collections.Counter = collections.Counter()
-    rows, decoded = 0, 0
-    for record in commits.values():
-        rows += record.get("rows", 0)
-        decoded += record.get("rows_decoded", 0)
-        summary.pairs_in += record["pairs_in"]
-        summary.pairs_scored += record["pairs_scored"]
-        summary.windows_scored += record.get("windows_scored", 0)
-        reasons.update(record["rejected"])
+    reasons = totals.rejected
+    summary.pairs_in, summary.pairs_scored = totals.pairs_in, totals.pairs_scored
+    summary.windows_scored = totals.windows_scored
     duplicates = sum(r["duplicates"] for r in results)
     if duplicates:
         reasons[records.DUPLICATE] += duplicates
         summary.pairs_scored -= duplicates
-    summary.read_amplification = round(decoded / rows, 4) if rows else 0.0
+    summary.read_amplification = round(totals.rows_decoded / totals.rows, 4) if totals.rows else 0.0
     summary.rejected_by_reason = dict(sorted(reasons.items()))
     summary.rejected = sum(reasons.values())
     summary.rows_written = sum(r["rows"] for r in results)
@@ -1093,24 +1165,28 @@ def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, commits: dict[str,
         problems.append(
             f"pairs_in {summary.pairs_in} != pairs_scored {summary.pairs_scored} + rejected {summary.rejected}"
         )
-    rejected_rows = sum(
-        _num_rows(plan.out_storage, progress.rejects_path(n.removesuffix(".parquet")))
-        for n in plan.out_storage.list_names(f"{plan.out_path}/_rejects", ".parquet")
-    )
+    rejected_rows = sum(r["rejected_rows"] for r in merged) + duplicates  # rows written to _rejects/
     if rejected_rows != summary.rejected:
-        problems.append(f"{summary.rejected} rejects counted but {rejected_rows} rows in _rejects/")
+        problems.append(f"{summary.rejected} rejects counted but {rejected_rows} rows written to _rejects/")
     if problems:
         raise JobError(f"the job's accounting does not add up, so no _SUCCESS was written: {'; '.join(problems)}")
 
 
-def _read(storage: Storage, path: str, columns: list[str]) -> pa.Table:
+def _get(refs: list[Any]) -> list[Any]:
+    import ray
+
+    try:
+        return ray.get(refs)
+    except Exception as err:  # noqa: BLE001
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, RerankError):
+            raise cause from None
+        raise JobError(f"the final top-N failed: {_root_cause(err)}") from None
+
+
+def _read(storage: Storage, path: str, columns: list[str] | None) -> pa.Table:
     with storage.fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
-
-
-def _num_rows(storage: Storage, path: str) -> int:
-    with storage.fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _as_input_error(err: Exception) -> Exception:

@@ -3,7 +3,7 @@
 The output folder of a job::
 
     part-00000-000.parquet ...   the top-N per query (written by the final reduce, each file atomically)
-    _rejects/<unit>.parquet      rejected rows of each input unit, with their reason
+    _rejects/part-<g>.parquet    rejected rows of a group of units, with their reason (one file per merge group)
     _rejects/reduce-<k>.parquet  copies of a (query_id, doc_id) found in several units (reason duplicate)
     _summary.json, _SUCCESS      written last, only once every count checks out
     _work/lease.json             who runs the job now (host, pid, start time), renewed while it runs: one job per
@@ -12,8 +12,11 @@ The output folder of a job::
                                  input files by content: S3 ETag, or size + mtime + footer hash) and its units; a
                                  resume must match it. A finished job keeps the same record in _summary.json, so a
                                  resume of it with another config or changed input is refused too.
-    _work/partial/<unit>.parquet a unit's partial top-N of every query it holds, one row group per reduce bucket
-    _work/done/<unit>.json       a unit's commit: its counts and where each bucket is in its partial file
+    _work/partial/<unit>.parquet a unit's partial top-N of every query it holds
+    _work/rejects/<unit>.parquet a unit's rejected rows (merged into _rejects/ by the reduce)
+    _work/done/<unit>.json       a unit's commit: its counts
+    _work/merged/<g>.parquet     a group of units' partials, one row group per reduce bucket (the reduce's first
+                                 round, so that each bucket's reducer reads one range per group, not per unit)
 
 A unit is a slice of one input file. It commits by writing its partial file, then its rejects, then its done
 marker, each under a name fixed by the unit: a retried or resumed unit rewrites the same names, so nothing is
@@ -33,6 +36,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -75,6 +79,12 @@ class Progress:
     def rejects_path(self, name: str) -> str:
         return f"{self.out}/{REJECTS}/{name}.parquet"
 
+    def unit_rejects_path(self, uid: str) -> str:
+        return f"{self.out}/{WORK}/rejects/{uid}.parquet"
+
+    def merged_path(self, group: int) -> str:
+        return f"{self.out}/{WORK}/merged/{group:05d}.parquet"
+
     def output_path(self, bucket: int, part: int) -> str:
         return f"{self.out}/part-{bucket:05d}-{part:03d}.parquet"
 
@@ -102,19 +112,19 @@ class Progress:
         return self.storage.read_json(self.manifest_path)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self.storage.write_json(self.manifest_path, manifest)
+        self.storage.write_json(self.manifest_path, manifest, indent=None)  # one line a unit would be 10x larger
 
     def done_units(self) -> set[str]:
         return {n.removesuffix(".json") for n in self.storage.list_names(f"{self.out}/{WORK}/done", ".json")}
 
-    def read_done(self, uids: list[str]) -> dict[str, dict[str, Any]]:
-        """The commit records of these units (read in parallel: there may be thousands on S3)."""
+    def read_done(self, uids: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The commit records of these units, streamed in order (read 16 at a time: there may be tens of thousands
+        on S3, and the caller keeps only what it sums)."""
         with ThreadPoolExecutor(max_workers=16) as pool:
-            records = list(pool.map(lambda u: self.storage.read_json(self.done_path(u)), uids))
-        missing = [u for u, r in zip(uids, records) if r is None]
-        if missing:
-            raise OutputError(f"the commit record of unit {missing[0]} disappeared from {self.storage.uri(self.out)}")
-        return dict(zip(uids, records))
+            for uid, record in zip(uids, pool.map(lambda u: self.storage.read_json(self.done_path(u)), uids)):
+                if record is None:
+                    raise OutputError(f"the commit record of unit {uid} disappeared from {self.storage.uri(self.out)}")
+                yield uid, record
 
     # ------------------------------------------------------------------ commits
 
@@ -123,7 +133,7 @@ class Progress:
         if partial is not None:
             self.storage.write_bytes(self.partial_path(uid), partial)
         if rejects is not None:
-            self.storage.write_bytes(self.rejects_path(uid), rejects)
+            self.storage.write_bytes(self.unit_rejects_path(uid), rejects)
         self.storage.write_json(self.done_path(uid), record)
 
     def clear_results(self) -> None:
@@ -133,9 +143,8 @@ class Progress:
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("part-") and name.endswith(".parquet"):
                 self.storage.remove(p)
-        for name in self.storage.list_names(f"{self.out}/{REJECTS}", ".parquet"):
-            if name.startswith("reduce-"):
-                self.storage.remove(f"{self.out}/{REJECTS}/{name}")
+        self.storage.remove(f"{self.out}/{REJECTS}")
+        self.storage.remove(f"{self.out}/{WORK}/merged")
 
     def clear_all(self) -> None:
         """output.mode=overwrite: _SUCCESS first (no reader may see it beside half-deleted results), then everything

@@ -301,8 +301,8 @@ class Storage:
                 return None
             raise OutputError(f"cannot write {self.uri(path)}: {_short(err)}") from None
 
-    def write_json(self, path: str, data: Any) -> None:
-        self.write_bytes(path, json.dumps(data, indent=2, default=str).encode())
+    def write_json(self, path: str, data: Any, indent: int | None = 2) -> None:
+        self.write_bytes(path, json.dumps(data, indent=indent, default=str).encode())
 
     def write_text(self, path: str, text: str) -> None:
         self.write_bytes(path, text.encode())
