@@ -60,7 +60,15 @@ from pipelines.progress import (
     input_changes,
     live_lease,
 )
-from pipelines.reads import Footer, Unit, UnitReader, identity, plan_units, read_footers
+from pipelines.reads import (
+    Footer,
+    Unit,
+    UnitReader,
+    identity,
+    needs_footer_for_identity,
+    plan_units,
+    read_footers,
+)
 from pipelines.records import FLAT, PACKED, InputLayout
 from pipelines.storage import FileInfo, Storage
 
@@ -218,9 +226,11 @@ def score_unit(
         raise JobError(
             f"unit {unit.uid}: {pairs_in} pairs in but {scored.num_rows} scored + {rejected.num_rows} rejected"
         )
+    partial = _parquet_bytes(top) if top.num_rows else None
+    record["partial_bytes"] = len(partial) if partial is not None else 0
     progress.commit_unit(
         unit.uid,
-        _parquet_bytes(top) if top.num_rows else None,
+        partial,
         _parquet_bytes(rejected) if rejected.num_rows else None,
         record,
     )
@@ -274,14 +284,20 @@ class ReduceSpec:
 MERGE_FANIN = 256
 
 
-def merge_group(group: int, partials: list[str], rejects: list[str], spec: ReduceSpec) -> dict[str, Any]:
-    """The first round of the reduce: a group of units' partials -> one file with a row group per bucket (a
-    query's bucket fixed by a hash of its id), and their rejects -> one published reject file. Each unit's files
-    are read once, whole."""
+def merge_group(group: int, partials: list[tuple[str, int]], rejects: list[str], spec: ReduceSpec) -> dict[str, Any]:
+    """The first round of the reduce: a group of units' partials (uid, file size) -> one file with a row group
+    per bucket (a query's bucket fixed by a hash of its id), and their rejects -> one published reject file. Each
+    unit's files are read once, whole (a partial in one ranged GET: its size is known)."""
     out = Storage.for_uri(spec.output_uri, spec.storage)
     progress = Progress(out, out.path(spec.output_uri))
+
+    def partial(part: tuple[str, int]) -> pa.Table:
+        path = progress.partial_path(part[0])
+        data = out.fs.cat_file(path, start=0, end=part[1]) if out.protocol != "file" else None
+        return pq.read_table(io.BytesIO(data)) if data is not None else _read(out, path, None)
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = list(pool.map(lambda uid: _read(out, progress.partial_path(uid), None), partials))
+        tables = list(pool.map(partial, partials))
         bad = list(pool.map(lambda uid: _read(out, progress.unit_rejects_path(uid), None), rejects))
     placed: dict[str, int] = {}
     if tables:
@@ -371,18 +387,28 @@ def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, w
 # ---------------------------------------------------------------------------- planning
 
 
-def _identities(storage: Storage, footers: list[Footer]) -> dict[str, str]:
+def _identities(storage: Storage, files: list[FileInfo], footers: list[Footer] | None) -> dict[str, str]:
     """Each input file's content identity (see `reads.identity`), by path: what a resume compares."""
-    return {f.info.path: identity(storage, f) for f in footers}
+    return {f.path: identity(storage, f, footers[i] if footers else None) for i, f in enumerate(files)}
 
 
-def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[Footer], InputLayout, pa.Schema]:
-    """List the input files, read each one's footer once and check that every one has the same usable layout."""
+def inspect_input(
+    config: RerankJobConfig, recorded: dict[str, Any] | None = None
+) -> tuple[Storage, list[FileInfo], list[Footer] | None, InputLayout]:
+    """List the input files, read each one's footer once and check that every one has the same usable layout.
+    `recorded`: the manifest of the job being resumed, when its units are planned: if the listing shows every
+    file unchanged (S3: size and ETag), no footer is read and the recorded layout stands (footers None)."""
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
     storage = Storage.for_uri(uris[0], config.storage)
     if any(Storage.for_uri(u, config.storage).protocol != storage.protocol for u in uris):
         raise InputError("input.uri mixes storage schemes; give paths on one storage")
-    footers = read_footers(storage, storage.list_parquet(uris))
+    files = storage.list_parquet(uris)
+    if recorded is not None and not needs_footer_for_identity(storage):
+        inputs = recorded.get("fingerprint", {}).get("input_files", {})
+        listed = _identities(storage, files, None)
+        if recorded.get("layout") and all(inputs.get(p) == ident for p, ident in listed.items()):
+            return storage, files, None, records.layout_from_json(recorded["layout"])
+    footers = read_footers(storage, files)
     paths = [f.info.path for f in footers]
     schemas = [f.schema for f in footers]
     corpus = config.input.corpus_uri is not None
@@ -395,7 +421,7 @@ def inspect_input(config: RerankJobConfig) -> tuple[Storage, list[Footer], Input
                 f"{'; '.join(records.layout_differences(layout, other, storage.uri(paths[0]), storage.uri(path)))}; "
                 "all input files must share one layout and column types"
             )
-    return storage, footers, layout, schemas[0]
+    return storage, files, footers, layout
 
 
 def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[Footer]]:
@@ -507,19 +533,15 @@ class JobPlan:
 
     config: RerankJobConfig
     storage: Storage
-    footers: list[Footer]  # each input file's, read once by the plan
+    files: list[FileInfo]
+    footers: list[Footer] | None  # each input file's, read once by the plan; None on a resume that needs none
     layout: InputLayout
-    schema: pa.Schema
     corpus: tuple[Storage, list[Footer]] | None
     model: dict[str, Any]
     out_storage: Storage
     out_path: str
     state: str
     fingerprint: dict[str, Any]
-
-    @property
-    def files(self) -> list[FileInfo]:
-        return [f.info for f in self.footers]
 
     @property
     def paths(self) -> list[str]:
@@ -540,13 +562,27 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     device is the actors', checked once they are known."""
     from pipelines.scoring import describe_model
 
-    storage, files, layout, schema = inspect_input(config)
-    corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
-    model = describe_model(config.model, on_cluster)
     out_storage = Storage.for_uri(config.output.uri, config.storage)
     out_path = out_storage.path(config.output.uri)
+    progress = Progress(out_storage, out_path)
+    try:
+        state = progress.state()
+    except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
+        raise OutputError(f"cannot access output {config.output.uri}: {type(err).__name__}: {err}") from None
+    mode = config.output.mode
+    manifest = progress.read_manifest() if mode == "resume" and state == INCOMPLETE else None
+    if manifest is not None and manifest.get("version") != MANIFEST_VERSION:
+        raise OutputError(
+            f"cannot resume {config.output.uri}: its work folder was written by another version of rerank "
+            f"(manifest version {manifest.get('version')}, this one writes {MANIFEST_VERSION}); start over "
+            "with output.mode=overwrite"
+        )
+    planned = manifest if manifest is not None and manifest.get("units") is not None else None
+    storage, files, footers, layout = inspect_input(config, planned)
+    corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
+    model = describe_model(config.model, on_cluster)
     if out_storage.protocol == storage.protocol:
-        protect = [f.info.path for f in files] + _input_roots(storage, config.input.uri)
+        protect = [f.path for f in files] + _input_roots(storage, config.input.uri)
         if corpus:
             protect += [f.info.path for f in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
         for other in protect:
@@ -556,21 +592,15 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
                     f"output.uri {config.output.uri} overlaps the input {storage.uri(o)}: a later run would read "
                     "the results as input; choose a folder outside the input"
                 )
-    progress = Progress(out_storage, out_path)
-    try:
-        state = progress.state()
-    except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
-        raise OutputError(f"cannot access output {config.output.uri}: {type(err).__name__}: {err}") from None
-    mode = config.output.mode
     holder = live_lease(progress, config.output.lease_timeout_s) if state != EMPTY else None
     if holder is not None:
         raise OutputError(
             f"output {config.output.uri} is in use by another run ({describe_holder(holder, holder['age_s'])}); "
             "wait for it to finish, or stop it; one job writes one output folder at a time"
         )
-    identities = _identities(storage, files)
+    identities = _identities(storage, files, footers)
     if corpus:
-        identities |= _identities(corpus[0], corpus[1])
+        identities |= _identities(corpus[0], [f.info for f in corpus[1]], corpus[1])
     fingerprint = job_fingerprint(config, model, identities)
     if mode == "error" and state == INCOMPLETE:
         raise OutputError(
@@ -587,16 +617,8 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
             f"output {config.output.uri} already holds a finished job; set output.mode=overwrite to replace it or "
             "pick a new output.uri"
         )
-    if mode == "resume" and state == INCOMPLETE:
-        manifest = progress.read_manifest()
-        if manifest is not None:
-            if manifest.get("version") != MANIFEST_VERSION:
-                raise OutputError(
-                    f"cannot resume {config.output.uri}: its work folder was written by another version of rerank "
-                    f"(manifest version {manifest.get('version')}, this one writes {MANIFEST_VERSION}); start over "
-                    "with output.mode=overwrite"
-                )
-            _refuse_changed_job(config.output.uri, manifest.get("fingerprint", {}), fingerprint, storage, False)
+    if manifest is not None:
+        _refuse_changed_job(config.output.uri, manifest.get("fingerprint", {}), fingerprint, storage, False)
     if mode == "resume" and state == COMPLETE:
         recorded = (progress.read_summary() or {}).get("fingerprint")
         if not recorded:
@@ -608,7 +630,7 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     if not (mode == "resume" and state == COMPLETE):
         progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
         out_storage.check_writable(progress_dir)
-    return JobPlan(config, storage, files, layout, schema, corpus, model, out_storage, out_path, state, fingerprint)
+    return JobPlan(config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint)
 
 
 # ---------------------------------------------------------------------------- the job
@@ -683,7 +705,13 @@ def _run_leased(
     layout = plan.layout
     if manifest is None:
         buckets = _num_buckets(config, sum(f.size for f in plan.files))
-        manifest = {"version": MANIFEST_VERSION, "fingerprint": plan.fingerprint, "buckets": buckets, "units": None}
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": plan.fingerprint,
+            "layout": records.layout_to_json(plan.layout),
+            "buckets": buckets,
+            "units": None,
+        }
         progress.write_manifest(manifest)
     buckets = manifest["buckets"]
 
@@ -694,7 +722,7 @@ def _run_leased(
             layout = _joined_layout(layout)
             unit_footers = read_footers(unit_storage, unit_files)
         else:
-            unit_footers = plan.footers
+            unit_footers = plan.footers if plan.footers is not None else read_footers(plan.storage, plan.files)
         units, _ = plan_units(unit_footers, layout, config.scale.unit_rows)
         manifest["units"] = [u.to_list() for u in units]
         progress.write_manifest(manifest)
@@ -735,8 +763,11 @@ def _run_leased(
         corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
     )
     timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
-    retried = _score_units(spec, todo, scale, config, timings) if todo else 0
-    totals = _Totals.of(progress.read_done([u.uid for u in units]), {u.uid for u in todo})
+    # Commit records: those of this run come back from the actors; only units done before it are read back.
+    totals = _Totals()
+    for _, record in progress.read_done([u.uid for u in units if u.uid in done]):
+        totals.add(record, now=False)
+    retried = _score_units(spec, todo, scale, config, timings, totals) if todo else 0
 
     summary = JobSummary(
         output_uri=config.output.uri,
@@ -918,7 +949,12 @@ class _WorkQueue:
 
 
 def _score_units(
-    spec: WorkerSpec, units: list[Unit], scale: dict[str, Any], config: RerankJobConfig, timings: dict[str, float]
+    spec: WorkerSpec,
+    units: list[Unit],
+    scale: dict[str, Any],
+    config: RerankJobConfig,
+    timings: dict[str, float],
+    totals: _Totals,
 ) -> int:
     """Score units on an actor pool until every one has committed. Units of an actor that died go back to the
     queue (each at most scale.unit_retries times); an actor that cannot start fails the job with its error.
@@ -1049,6 +1085,7 @@ def _score_units(
                     probing[actor.ready.remote()] = actor
                 continue
             finished += 1
+            totals.add(record, now=True)
             pairs += record["pairs_scored"]
             if now - last_log > 30 or finished == len(units):
                 rate = pairs / max(now - started, 1e-9)
@@ -1094,28 +1131,25 @@ class _Totals:
     rows_decoded: int = 0
     scored_now: int = 0  # pairs scored by this run (not before a resume)
     units_by_node: collections.Counter = field(default_factory=collections.Counter)
-    with_partial: list[str] = field(default_factory=list)
+    with_partial: list[tuple[str, int]] = field(default_factory=list)  # (uid, size of its partial file)
     with_rejects: list[str] = field(default_factory=list)
 
-    @classmethod
-    def of(cls, commits: Any, now: set[str]) -> _Totals:
-        t = cls()
-        for uid, record in commits:
-            t.pairs_in += record["pairs_in"]
-            t.pairs_scored += record["pairs_scored"]
-            t.windows_scored += record.get("windows_scored", 0)
-            t.rejected.update(record["rejected"])
-            t.rejected_rows += record["rejected_rows"]
-            t.rows += record.get("rows", 0)
-            t.rows_decoded += record.get("rows_decoded", 0)
-            t.units_by_node[record.get("node", "")] += 1
-            if uid in now:
-                t.scored_now += record["pairs_scored"]
-            if record["partial_rows"]:
-                t.with_partial.append(uid)
-            if record["rejected_rows"]:
-                t.with_rejects.append(uid)
-        return t
+    def add(self, record: dict[str, Any], now: bool) -> None:
+        """One unit's commit record (`now`: scored by this run)."""
+        self.pairs_in += record["pairs_in"]
+        self.pairs_scored += record["pairs_scored"]
+        self.windows_scored += record.get("windows_scored", 0)
+        self.rejected.update(record["rejected"])
+        self.rejected_rows += record["rejected_rows"]
+        self.rows += record.get("rows", 0)
+        self.rows_decoded += record.get("rows_decoded", 0)
+        self.units_by_node[record.get("node", "")] += 1
+        if now:
+            self.scored_now += record["pairs_scored"]
+        if record["partial_rows"]:
+            self.with_partial.append((record["uid"], record["partial_bytes"]))
+        if record["rejected_rows"]:
+            self.with_rejects.append(record["uid"])
 
 
 def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, totals: _Totals, summary: JobSummary) -> None:
@@ -1129,13 +1163,13 @@ def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, totals: _Totals, s
     spec = ReduceSpec(
         layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file, buckets
     )
-    partial, rejected = set(totals.with_partial), set(totals.with_rejects)
-    members = sorted(partial | rejected)  # units that left anything to merge, in a stable order
+    partial, rejected = dict(totals.with_partial), set(totals.with_rejects)
+    members = sorted(set(partial) | rejected)  # units that left anything to merge, in a stable order
     groups = [members[i : i + MERGE_FANIN] for i in range(0, len(members), MERGE_FANIN)]
     merge = ray.remote(merge_group).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError])
     merged = _get(
         [
-            merge.remote(g, [u for u in group if u in partial], [u for u in group if u in rejected], spec)
+            merge.remote(g, [(u, partial[u]) for u in group if u in partial], [u for u in group if u in rejected], spec)
             for g, group in enumerate(groups)
         ]
     )

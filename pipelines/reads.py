@@ -30,6 +30,7 @@ from pipelines.records import PACKED, InputLayout
 from pipelines.storage import FileInfo, Storage
 
 TAIL_BYTES = 64 * 1024  # the first read of a file's tail: footers of files with a few hundred row groups fit
+READ_BLOCK_BYTES = 16 * 1024**2  # S3 reads of a unit's rows: ranged GETs of this size at least
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,18 @@ def read_footers(storage: Storage, files: list[FileInfo]) -> list[Footer]:
         return list(pool.map(lambda f: read_footer(storage, f), files))
 
 
-def identity(storage: Storage, footer: Footer) -> str:
+def identity(storage: Storage, info: FileInfo, footer: Footer | None = None) -> str:
     """What a resume compares to tell a file is unchanged: on S3 its size and ETag (and version id on a versioned
-    bucket), from the listing; on local disk its size, modification time and a hash of its footer (schema, row
-    groups and their statistics)."""
-    info = footer.info
-    if storage.protocol != "file":
+    bucket), from the listing, so no footer is needed; on local disk its size, modification time and a hash of
+    its footer (schema, row groups and their statistics)."""
+    if not needs_footer_for_identity(storage):
         return f"size={info.size};{info.version}"
+    assert footer is not None and footer.info.path == info.path
     return f"size={info.size};{info.version};footer={hashlib.sha1(footer.raw).hexdigest()}"
+
+
+def needs_footer_for_identity(storage: Storage) -> bool:
+    return storage.protocol == "file"
 
 
 # ---------------------------------------------------------------------------- units
@@ -266,9 +271,9 @@ class UnitReader:
     def _open(self, path: str):
         if self.storage.protocol == "file":
             return open(path, "rb")
-        # pyarrow's own reads through the fsspec handler: pre_buffer coalesces the column chunks it needs into
-        # few large ranged reads instead of one small read per page.
-        return self.storage.arrow_fs.open_input_file(path)
+        # Readahead in large blocks: a small file is one GET, a large one a few large ranged GETs (pyarrow's
+        # pre_buffer asks for the column chunks it needs coalesced), never one small request per page.
+        return self.storage.fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
 
     def close(self) -> None:
         self._place, self._batches, self._pending = None, None, None

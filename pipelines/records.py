@@ -151,6 +151,16 @@ def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
     )
 
 
+def layout_to_json(layout: InputLayout) -> dict:
+    """An InputLayout as JSON (the manifest keeps it, so a resume need not read any footer again)."""
+    return {k: str(v) if isinstance(v, pa.DataType) else v for k, v in layout.__dict__.items()}
+
+
+def layout_from_json(data: dict) -> InputLayout:
+    types = {"query_id_type", "doc_id_type"}
+    return InputLayout(**{k: pa.type_for_alias(v) if k in types else v for k, v in data.items()})
+
+
 def check_corpus(schema: pa.Schema, where: str, doc_id_type: pa.DataType) -> None:
     names = set(schema.names)
     for col in ("doc_id", "text"):
