@@ -74,7 +74,8 @@ from pipelines.storage import FileInfo, Storage
 
 log = logging.getLogger(__name__)
 
-BUCKET_BYTES = 256 * 1024**2  # input bytes per reduce bucket (the partials are a fraction of the input)
+BUCKET_BYTES = 128 * 1024**2  # partial-file bytes (compressed top-N rows) per reduce bucket
+JOIN_BYTES = 256 * 1024**2  # input bytes per partition of the corpus join
 MANIFEST_VERSION = 2  # 2: input files identified by content (S3 ETag; local size, mtime and footer hash)
 UNITS_IN_FLIGHT_PER_ACTOR = 2  # one scoring, one queued: an actor never waits for the driver
 
@@ -475,12 +476,15 @@ def resolve_scale(config: RerankJobConfig) -> dict[str, Any]:
     }
 
 
-def _num_buckets(config: RerankJobConfig, total_bytes: int) -> int:
-    """scale.num_partitions, else one reduce bucket per BUCKET_BYTES of input (no cap: the reduce's reads grow
-    with groups x buckets, see merge_group)."""
-    if config.scale.num_partitions:
-        return config.scale.num_partitions
-    return max(1, math.ceil(total_bytes / BUCKET_BYTES))
+def _join_partitions(config: RerankJobConfig, input_bytes: int) -> int:
+    """Partitions of the corpus join: scale.num_partitions, else one per JOIN_BYTES of input (no cap)."""
+    return config.scale.num_partitions or max(2, math.ceil(input_bytes / JOIN_BYTES))
+
+
+def reduce_buckets(config: RerankJobConfig, partial_bytes: int) -> int:
+    """Buckets of the final top-N: scale.num_partitions, else one per BUCKET_BYTES of the units' partial files,
+    known once they are written (no cap: a bucket's reducer holds its share in memory)."""
+    return config.scale.num_partitions or max(1, math.ceil(partial_bytes / BUCKET_BYTES))
 
 
 def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
@@ -704,21 +708,21 @@ def _run_leased(
     manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
     layout = plan.layout
     if manifest is None:
-        buckets = _num_buckets(config, sum(f.size for f in plan.files))
+        partitions = _join_partitions(config, sum(f.size for f in plan.files))
         manifest = {
             "version": MANIFEST_VERSION,
             "fingerprint": plan.fingerprint,
             "layout": records.layout_to_json(plan.layout),
-            "buckets": buckets,
+            "join_partitions": partitions,
             "units": None,
         }
         progress.write_manifest(manifest)
-    buckets = manifest["buckets"]
+    partitions = manifest["join_partitions"]
 
     unit_storage = plan.storage
     if manifest["units"] is None:
         if plan.corpus is not None:
-            unit_storage, unit_files = _join_corpus(config, plan, buckets)
+            unit_storage, unit_files = _join_corpus(config, plan, partitions)
             layout = _joined_layout(layout)
             unit_footers = read_footers(unit_storage, unit_files)
         else:
@@ -735,7 +739,7 @@ def _run_leased(
     todo = [u for u in units if u.uid not in done]
     log.info(
         "rerank: %d input file(s), %s layout%s: %d unit(s), %d to score (%d done before); %d-%d actor(s) x %.2g CPU "
-        "/ %.2g GPU; %d reduce bucket(s)",
+        "/ %.2g GPU",
         len(plan.files),
         layout.layout,
         " + corpus join" if plan.corpus else "",
@@ -746,7 +750,6 @@ def _run_leased(
         scale["max_actors"],
         scale["num_cpus_per_actor"],
         scale["num_gpus_per_actor"],
-        buckets,
     )
 
     spec = WorkerSpec(
@@ -780,14 +783,13 @@ def _run_leased(
         units_retried=retried,
         scale=scale
         | {
-            "reduce_buckets": buckets,
             "units_by_node": dict(totals.units_by_node),
         },
     )
     summary.fingerprint = plan.fingerprint
     lease.check()  # a run that lost the output folder to another must not touch its results
     reduce_started = time.perf_counter()
-    _reduce(plan, layout, buckets, totals, summary)
+    _reduce(plan, layout, totals, summary)
     timings["reduce_s"] = time.perf_counter() - reduce_started
     summary.timings_s = {k: round(v, 3) for k, v in timings.items()}
     summary.wall_time_s = round(time.perf_counter() - started, 3)
@@ -1152,7 +1154,7 @@ class _Totals:
             self.with_rejects.append(record["uid"])
 
 
-def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, totals: _Totals, summary: JobSummary) -> None:
+def _reduce(plan: JobPlan, layout: InputLayout, totals: _Totals, summary: JobSummary) -> None:
     """The final top-N in two rounds of Ray tasks (groups of MERGE_FANIN units merged, then one task per bucket),
     then the job's accounting, checked."""
     import ray
@@ -1160,6 +1162,8 @@ def _reduce(plan: JobPlan, layout: InputLayout, buckets: int, totals: _Totals, s
     config = plan.config
     progress = plan.progress
     progress.clear_results()
+    buckets = reduce_buckets(config, sum(size for _, size in totals.with_partial))
+    summary.scale["reduce_buckets"] = buckets
     spec = ReduceSpec(
         layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file, buckets
     )

@@ -87,7 +87,11 @@ def test_one_large_row_group_is_decoded_once_across_its_slices(ray_local, tmp_pa
     assert_equal(tmp_path / "out", read_output(tmp_path / "whole"))
 
 
-def test_row_groups_larger_and_smaller_than_a_unit(ray_local, tmp_path, tiny_cross_encoder):
+def test_row_groups_larger_and_smaller_than_a_unit(ray_local, tmp_path, tiny_cross_encoder, monkeypatch):
+    """Also the reduce with several merge groups and buckets (the rows of a query spread over units)."""
+    import pipelines.batch
+
+    monkeypatch.setattr(pipelines.batch, "MERGE_FANIN", 3)
     pairs = short_pairs(60, 9, seed=2).sample(frac=1.0, random_state=3).reset_index(drop=True)
     ref = reference_top_n(pairs, scores_of(pairs, tiny_cross_encoder), TOP_N)
     src = tmp_path / "in"
@@ -100,8 +104,13 @@ def test_row_groups_larger_and_smaller_than_a_unit(ray_local, tmp_path, tiny_cro
             start += size
     pq.write_table(table.slice(start), src / "small-groups.parquet", row_group_size=5)
     assert pq.ParquetFile(src / "mixed.parquet").metadata.num_row_groups == 7
-    summary = run_rerank(small_job(tmp_path, tiny_cross_encoder, src, TOP_N, scale__unit_rows=60, model__max_length=32))
+    summary = run_rerank(
+        small_job(
+            tmp_path, tiny_cross_encoder, src, TOP_N, scale__unit_rows=60, model__max_length=32, scale__num_partitions=3
+        )
+    )
     assert summary.pairs_scored == len(pairs) and summary.read_amplification <= 1.5
+    assert summary.scale["reduce_buckets"] == 3 and len(list((tmp_path / "out").glob("part-*.parquet"))) == 3
     assert_equal(tmp_path / "out", ref)
 
 

@@ -101,7 +101,7 @@ def test_s3_requests_grow_with_files_units_and_buckets(s3_ray, s3_fault_proxy, t
             "version": 2,
             "fingerprint": plan.fingerprint,
             "layout": layout_to_json(plan.layout),
-            "buckets": 1,
+            "join_partitions": 2,
             "units": [u.to_list() for u in units],
         }
     )

@@ -97,7 +97,7 @@ def test_an_interrupted_job_with_a_same_size_changed_file_is_not_resumed(tmp_pat
     config = job(tmp_path, tiny_cross_encoder, src)
     plan = plan_rerank(config)
     # What run_rerank records before it scores anything: an interrupted run leaves exactly this behind.
-    plan.progress.write_manifest({"version": 2, "fingerprint": plan.fingerprint, "buckets": 1, "units": None})
+    plan.progress.write_manifest({"version": 2, "fingerprint": plan.fingerprint, "join_partitions": 2, "units": None})
     resume = job(tmp_path, tiny_cross_encoder, src, output__mode="resume")
     plan_rerank(resume)  # unchanged: accepted
     reversed_texts(src / "part-1.parquet")
