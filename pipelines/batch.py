@@ -426,23 +426,12 @@ def inspect_input(
 
 
 def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[Footer]]:
-    """Check the corpus files' columns, and that no doc_id appears twice (a pair would join two texts)."""
+    """Check the corpus files' columns from their footers. That no doc_id appears twice (a pair would join two
+    texts) is checked where the corpus is read, by the join (`_join_corpus`), not on the driver."""
     storage = Storage.for_uri(config.input.corpus_uri, config.storage)
     footers = read_footers(storage, storage.list_parquet(config.input.corpus_uri))
-    paths = [f.info.path for f in footers]
-    for path, footer in zip(paths, footers):
-        records.check_corpus(footer.schema, storage.uri(path), layout.doc_id_type)
-    ids = pa.chunked_array(
-        [c for p in paths for c in storage.read_column(p, "doc_id").cast(layout.doc_id_type).chunks],
-        type=layout.doc_id_type,
-    )
-    if len(pc.unique(ids)) != len(ids):
-        counts = pc.value_counts(ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        raise InputError(
-            f"the corpus {config.input.corpus_uri} holds doc_id {dup!r} more than once; doc_ids must be unique "
-            "(deduplicate the corpus first)"
-        )
+    for footer in footers:
+        records.check_corpus(footer.schema, storage.uri(footer.info.path), layout.doc_id_type)
     return storage, footers
 
 
@@ -824,6 +813,19 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
     docs = ray.data.read_parquet(
         [f.info.path for f in corpus_files], filesystem=corpus_storage.arrow_fs, columns=["doc_id", "text"]
     ).map_batches(_cast_corpus, batch_format="pyarrow", fn_kwargs={"doc_id_type": layout.doc_id_type})
+    # doc_ids must be unique: counted by a Ray Data aggregation over the cluster, only a repeated one comes back.
+    repeated = (
+        docs.select_columns(["doc_id"])
+        .groupby("doc_id", num_partitions=max(2, partitions))
+        .count()
+        .filter(lambda row: row["count()"] > 1)
+        .take(1)
+    )
+    if repeated:
+        raise InputError(
+            f"the corpus {config.input.corpus_uri} holds doc_id {repeated[0]['doc_id']!r} more than once; doc_ids "
+            "must be unique (deduplicate the corpus first)"
+        )
     ds = ds.join(docs, join_type="left_outer", num_partitions=max(2, partitions), on=("doc_id",))
     ds = ds.map_batches(
         _joined_columns,

@@ -121,7 +121,7 @@ def test_output_that_cannot_be_written_is_found_before_scoring(tmp_path, tiny_cr
         run_rerank(job(tmp_path, tiny_cross_encoder, src, output__uri=str(tmp_path / "a-file" / "out")))
 
 
-def test_corpus_with_duplicate_doc_ids_is_refused(tmp_path, tiny_cross_encoder, pairs):
+def test_corpus_with_duplicate_doc_ids_is_refused(ray_local, tmp_path, tiny_cross_encoder, pairs):
     src = write_flat(pairs.drop(columns=["text"]), tmp_path / "in", files=1)
     corpus = pairs[["doc_id", "text"]].drop_duplicates("doc_id")
     (tmp_path / "corpus").mkdir()

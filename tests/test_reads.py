@@ -63,13 +63,13 @@ def test_one_large_row_group_is_decoded_once_across_its_slices(ray_local, tmp_pa
         pa.Table.from_pandas(pairs, preserve_index=False), tmp_path / "in" / "big.parquet", row_group_size=len(pairs)
     )
     assert pq.ParquetFile(tmp_path / "in" / "big.parquet").metadata.num_row_groups == 1
-    common = dict(
-        model__max_length=32,
-        model__batch_size=256,
-        scale__batch_rows=4096,
-        scale__num_actors=1,
-        scale__num_cpus_per_actor=1,
-    )
+    common = {
+        "model__max_length": 32,
+        "model__batch_size": 256,
+        "scale__batch_rows": 4096,
+        "scale__num_actors": 1,
+        "scale__num_cpus_per_actor": 1,
+    }
     sliced = run_rerank(
         small_job(tmp_path, tiny_cross_encoder, tmp_path / "in", TOP_N, scale__unit_rows=5000, **common)
     )
@@ -156,7 +156,7 @@ def test_the_plan_reads_each_footer_once(tmp_path, tiny_cross_encoder, monkeypat
         pq.write_table(
             pa.Table.from_pandas(pairs.iloc[i::4], preserve_index=False), src / f"p{i}.parquet", row_group_size=7
         )
-    import pipelines.reads as reads
+    from pipelines import reads
 
     calls = []
     real = reads._read_range
@@ -182,7 +182,7 @@ def test_a_reader_keeps_its_place_in_a_chain(tmp_path):
     path = str(tmp_path / "a.parquet")
     slices = [Unit.of(path, s, min(1000, s + 300), chain=f"{path}#0") for s in range(0, 1000, 300)]
     got = [reader.read(u, ["x"]).column("x").to_pylist() for u in slices]
-    assert sum(got, []) == list(range(1000)) and reader.rows_decoded == 1000
+    assert [x for part in got for x in part] == list(range(1000)) and reader.rows_decoded == 1000
     again = UnitReader(Storage.for_uri(str(tmp_path)))
     assert again.read(slices[2], ["x"]).column("x").to_pylist() == list(range(600, 900))
     assert again.rows_decoded >= 900  # out of order: the rows before it are decoded too
