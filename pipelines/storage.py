@@ -220,16 +220,7 @@ class Storage:
         has completed. Rewriting the same path (a retried task) replaces the file."""
         try:
             if self.protocol == "file":
-                folder, name = os.path.split(path)
-                os.makedirs(folder, exist_ok=True)
-                tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                _local_write(path, data, exclusive=False)
             else:
                 self.fs.pipe_file(path, data)
         except Exception as err:  # noqa: BLE001 - permission, disk full, storage errors: all name the file
@@ -239,24 +230,12 @@ class Storage:
 
     def create_exclusive(self, path: str, data: bytes) -> str | None:
         """Create a file only if it does not exist, atomically; returns its tag (see `read_tagged`), or None when
-        it exists. S3: a conditional PUT
-        (``If-None-Match: *``, which S3 and MinIO honour); local disk: a hard link of a complete temporary file,
-        which fails if the name exists."""
+        it exists. S3: a conditional PUT (``If-None-Match: *``, which S3 and MinIO honour); local disk: a hard
+        link of a complete temporary file, which fails if the name exists."""
         try:
             if self.protocol == "file":
-                folder, name = os.path.split(path)
-                os.makedirs(folder, exist_ok=True)
-                tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                    os.link(tmp, path)
-                    return hashlib.sha1(data).hexdigest()
-                except FileExistsError:
-                    return None
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                _local_write(path, data, exclusive=True)
+                return hashlib.sha1(data).hexdigest()
             return str((self.fs.pipe_file(path, data, mode="create") or {}).get("ETag", ""))
         except FileExistsError:
             return None
@@ -381,6 +360,24 @@ def credentials_to_environment(config: StorageConfig, joining_cluster: bool) -> 
         if value is not None:
             os.environ[env] = value.get_secret_value()
     return config.without_credentials()
+
+
+def _local_write(path: str, data: bytes, exclusive: bool) -> None:
+    """The bytes to a hidden temporary name in the same folder, then one rename over `path` (or, `exclusive`, a
+    hard link that raises FileExistsError if `path` exists): a reader never sees a half-written file."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def s3_options(config: StorageConfig) -> dict[str, Any]:

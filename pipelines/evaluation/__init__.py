@@ -42,16 +42,24 @@ def __getattr__(name: str) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import ray
+
     from pipelines.backends import check_model_config
     from pipelines.config import EvalConfig, load_config
     from pipelines.evaluation.sweep import run_eval
-    from pipelines.ray_runtime import connect
+    from pipelines.ray_runtime import connect, shutdown, stop_on_signals
 
     config = load_config(EvalConfig, args.config, args.overrides)
     for spec in config.reranker_specs:  # an unsupported backend/dtype is refused before Ray starts
         check_model_config(spec.model)
-    connect(config.ray)
-    result = run_eval(config)
+    with stop_on_signals():  # SIGTERM stops it as Ctrl-C does (exit 143), not with Ray's stack dump
+        joined = not ray.is_initialized()
+        try:
+            connect(config.ray)
+            result = run_eval(config)
+        finally:
+            if joined:
+                shutdown()
     print(result.markdown)
     print(f"report: {result.report_dir}/report.json, report.md, quality_vs_tokens.png, runs/")
     return 0
