@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -348,7 +349,15 @@ def actor_device(config: ModelConfig, gpus: float) -> torch.device:
             "scale.num_gpus_per_actor / serve.num_gpus_per_replica is 0): use model.device auto or cpu, or give "
             "them GPUs"
         )
-    return torch.device(config.device)
+    device = torch.device(config.device)
+    # Ray shows an actor only the GPUs it reserved, numbered from 0: cuda:N needs N + 1 of them.
+    if device.type == "cuda" and device.index is not None and device.index >= max(1, math.ceil(gpus)):
+        raise ConfigError(
+            f"model.device is {config.device} but each actor or replica reserves {gpus:g} GPU(s), which it sees as "
+            f"cuda:0{'' if math.ceil(gpus) <= 1 else f'..cuda:{math.ceil(gpus) - 1}'}: use model.device cuda (or "
+            "auto), or reserve more GPUs per actor"
+        )
+    return device
 
 
 def check_model_config(config: ModelConfig) -> None:

@@ -983,7 +983,8 @@ def _score_units(
     queue = _WorkQueue(units)
     attempts: collections.Counter = collections.Counter()
     lost: collections.Counter = collections.Counter()  # deaths per actor, against scale.max_restarts
-    started = last_log = time.monotonic()
+    started = time.monotonic()
+    line = _ProgressLine(len(units), started)
     lost_all_since: float | None = None  # when the last ready actor died (all restarting or gone)
     reprobe_at: dict[Any, float] = {}  # unreachable actors (their node may be going): ask again at this time
     any_ready, finished, pairs = False, 0, 0
@@ -1005,7 +1006,7 @@ def _score_units(
                     f"every scoring actor died ({finished} of {len(units)} units done; rerun with --resume to keep "
                     "them); see the errors above (ray logs) for why"
                 )
-            wait_s = min(30.0, max(1.0, config.scale.actor_start_timeout_s / 10))
+            wait_s = min(_ProgressLine.EVERY_S, max(1.0, config.scale.actor_start_timeout_s / 10))
             if reprobe_at:
                 wait_s = min(wait_s, max(0.05, min(reprobe_at.values()) - time.monotonic()))
             refs = list(inflight) + list(probing)
@@ -1034,11 +1035,7 @@ def _score_units(
                         f"every scoring actor died and none restarted within {config.scale.actor_start_timeout_s:.0f} "
                         f"s ({finished} of {len(units)} units done; rerun with --resume to keep them): {lacks}"
                     )
-                if now - last_log > 60:
-                    log.info(
-                        "rerank: waiting: %d of %d units done, %d actor(s) ready", finished, len(units), len(ready)
-                    )
-                    last_log = now
+                line.show(now, finished, pairs, len(ready))
                 continue
             ref = done[0]
             if ref in probing:
@@ -1091,15 +1088,55 @@ def _score_units(
             finished += 1
             totals.add(record, now=True)
             pairs += record["pairs_scored"]
-            if now - last_log > 30 or finished == len(units):
-                rate = pairs / max(now - started, 1e-9)
-                log.info("rerank: %d of %d units done (%.1f pairs/s)", finished, len(units), rate)
-                last_log = now
+            line.show(now, finished, pairs, len(ready), last=finished == len(units))
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
     timings["scoring_s"] = time.monotonic() - started - timings.get("first_actor_s", 0.0)
     return sum(attempts.values())
+
+
+class _ProgressLine:
+    """One log line every EVERY_S seconds while units are scored: units and pairs done, the rate since the first
+    commit, an ETA from the units' rate, the actors ready. Also readable when the output is piped to a file."""
+
+    EVERY_S = 5.0
+
+    def __init__(self, total_units: int, started: float):
+        self.total, self.started = total_units, started
+        self.first: tuple[float, int, int] | None = None  # (time, units, pairs) at the first commit
+        self.last_shown = started
+
+    def show(self, now: float, units: int, pairs: int, actors: int, last: bool = False) -> None:
+        if units and self.first is None:
+            self.first = (now, units, pairs)
+        if not last and now - self.last_shown < self.EVERY_S:
+            return
+        self.last_shown = now
+        if self.first is None or now <= self.first[0]:
+            log.info("rerank: 0 of %d units done, %d actor(s) ready, %.0f s", self.total, actors, now - self.started)
+            return
+        t0, u0, p0 = self.first
+        rate = (pairs - p0) / (now - t0)
+        unit_rate = (units - u0) / (now - t0)
+        eta = f", ETA {_duration((self.total - units) / unit_rate)}" if unit_rate > 0 and units < self.total else ""
+        log.info(
+            "rerank: %d of %d units (%.0f%%), %s pairs scored, %s pairs/s%s, %d actor(s)",
+            units,
+            self.total,
+            100.0 * units / max(self.total, 1),
+            f"{pairs:,}",
+            f"{rate:,.0f}",
+            eta,
+            actors,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def _retry(unit: Unit, attempts: collections.Counter, config: RerankJobConfig, queue: _WorkQueue, why: str):
