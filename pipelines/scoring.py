@@ -348,7 +348,7 @@ class Scorer:
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._tokenize_pool: ThreadPoolExecutor | None = None
         self._forward_lock = threading.Lock()
-        self.stats = {"forward_passes": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
+        self.stats = {"forward_passes": 0, "rows": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0}
         if config.kind == "bi-encoder":
             self.max_query_length = config.max_query_length or self.max_length // 2
             return
@@ -655,8 +655,35 @@ class Scorer:
             submit()
             for rows, ids, mask, types in batches:
                 with self._forward_lock:
-                    out[rows] = self.backend.forward(ids, mask, types)
+                    out[rows] = self._forward_or_split(ids, mask, types)
         return out
+
+    def _forward_or_split(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> np.ndarray:
+        """One micro-batch through the model. On a device out-of-memory error the batch is split in halves and
+        each half run on its own (down to one row, whose error is raised), and the token budget of later batches
+        drops below what failed: scores do not depend on the batch a pair is in, so the result is the same."""
+        try:
+            return self.backend.forward(ids, mask, types)
+        except Exception as err:  # only an out-of-memory error is handled; the rest is raised again
+            if not _is_out_of_memory(err) or len(ids) <= 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.max_batch_tokens = max(1, min(self.max_batch_tokens, ids.size // 2))
+        self.stats["oom_splits"] += 1
+        if self.stats["oom_splits"] == 1:
+            log.warning(
+                "out of device memory on a batch of %d x %d tokens: split in halves and retried; later batches "
+                "hold at most %d padded tokens (set model.max_batch_tokens to start there)",
+                ids.shape[0],
+                ids.shape[1],
+                self.max_batch_tokens,
+            )
+        half = len(ids) // 2
+        parts = [slice(0, half), slice(half, len(ids))]
+        return np.concatenate(
+            [self._forward_or_split(ids[p], mask[p], types[p] if types is not None else None) for p in parts]
+        )
 
     def _prepare_block(self, encode, start: int, end: int) -> list[tuple]:
         """Tokenise items [start, end) and cut them into padded int32 micro-batches: (rows, ids, mask, types)."""
@@ -699,6 +726,13 @@ class Scorer:
             batches.append(order[start : start + rows])
             start += rows
         return batches
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """A device out-of-memory error: torch's (CUDA, MPS) or one a runtime reports in its message."""
+    if isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
 def _max_positions(tokenizer, hf_config) -> int:
