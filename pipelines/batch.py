@@ -818,7 +818,7 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
         docs.select_columns(["doc_id"])
         .groupby("doc_id", num_partitions=max(2, partitions))
         .count()
-        .filter(lambda row: row["count()"] > 1)
+        .map_batches(_repeated_only, batch_format="pyarrow")
         .take(1)
     )
     if repeated:
@@ -837,6 +837,10 @@ def _join_corpus(config: RerankJobConfig, plan: JobPlan, partitions: int) -> tup
     except Exception as err:  # noqa: BLE001 - re-raised as it is unless it is an input schema conflict
         raise _as_input_error(err) from None
     return plan.out_storage, plan.out_storage.list_parquet(plan.out_storage.uri(joined))
+
+
+def _repeated_only(counts: pa.Table) -> pa.Table:
+    return counts.filter(pc.greater(counts.column("count()"), 1))
 
 
 def _flatten_for_join(batch: pa.Table, *, layout: InputLayout) -> pa.Table:
