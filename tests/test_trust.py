@@ -439,3 +439,30 @@ def test_files_that_disagree_are_named_field_by_field(tmp_path, tiny_cross_encod
 def test_a_missing_bucket_is_named(s3_server, tmp_path, tiny_cross_encoder):
     with pytest.raises(InputError, match=r"bucket 'no-such-bucket-x' does not exist"):
         plan_rerank(job(tmp_path, tiny_cross_encoder, "s3://no-such-bucket-x/in/"))
+
+
+def test_the_lease_on_s3_uses_conditional_writes(s3_server, tmp_path):
+    """On S3 the lease is a conditional PUT (If-None-Match: *), renewed with If-Match: a second holder is refused,
+    and a renewal after another run's takeover fails, so the first run does not publish."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing", use_listings_cache=False)
+    if not fs.exists("leases"):
+        fs.mkdir("leases")
+    storage = Storage.for_uri("s3://leases/job", StorageConfig(endpoint_url=s3_server))
+    progress = Progress(storage, "leases/job")
+    lease = Lease(progress, timeout_s=1.0)
+    lease.acquire(takeover=False)
+    first = json.loads(fs.cat_file("leases/job/_work/lease.json"))
+    with pytest.raises(OutputError, match="in use by another run"):
+        Lease(progress, timeout_s=1.0).acquire(takeover=True)
+    time.sleep(0.8)
+    assert json.loads(fs.cat_file("leases/job/_work/lease.json"))["renewed_at"] > first["renewed_at"]
+    lease.stop_renewing()
+    time.sleep(1.2)  # not renewed for longer than the timeout: another run takes it over
+    other = Lease(progress, timeout_s=1.0)
+    other.acquire(takeover=True)
+    assert json.loads(fs.cat_file("leases/job/_work/lease.json"))["token"] == other.holder["token"]
+    assert storage.replace_if(lease.path, b"{}", lease._tag or "") is None  # the old tag no longer matches
+    other.release()
+    assert not fs.exists("leases/job/_work/lease.json")
