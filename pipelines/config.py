@@ -299,11 +299,15 @@ class ScaleConfig(_Strict):
 
     num_actors: int | Literal["auto"] = Field(
         "auto",
-        description="Scoring actors (model copies); the minimum when max_actors is set. auto: one per GPU when "
+        description="Scoring actors (model copies) when max_actors is unset. auto: one per GPU when "
         "actors take GPUs, else one per num_cpus_per_actor of the cluster's CPUs, less 2 kept for reading.",
     )
     max_actors: int | None = Field(
-        None, ge=1, description="Set to autoscale the actor pool between num_actors and this."
+        None,
+        ge=1,
+        description="Actors requested (default: num_actors). All are requested at the start; those the cluster "
+        "cannot place yet stay pending (asking an autoscaler for nodes) and take units as soon as they are ready, "
+        "so the pool grows as nodes join; none is removed before the job ends.",
     )
     num_gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="GPUs per actor; auto: 1 when the cluster has GPUs and model.device is not cpu, else 0."
