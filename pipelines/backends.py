@@ -895,9 +895,13 @@ def export_openvino(config: ModelConfig, fingerprint: str, uses_tt: bool, dtype:
         if settings["preset"] == "mixed":
             kwargs["preset"] = nncf.QuantizationPreset.MIXED
         if settings["smooth_quant"] is False:
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+            from nncf.quantization.advanced_parameters import (
+                AdvancedQuantizationParameters,
+                AdvancedSmoothQuantParameters,
+            )
 
-            kwargs["advanced_parameters"] = AdvancedQuantizationParameters(smooth_quant_alpha=-1)
+            off = AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+            kwargs["advanced_parameters"] = AdvancedQuantizationParameters(smooth_quant_alphas=off)
         quantized = nncf.quantize(
             model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data), **kwargs
         )
