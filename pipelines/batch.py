@@ -53,6 +53,7 @@ from pipelines.progress import (
     EMPTY,
     FOREIGN,
     INCOMPLETE,
+    SUCCESS,
     Lease,
     Progress,
     describe_holder,
@@ -535,6 +536,7 @@ class JobPlan:
     out_path: str
     state: str
     fingerprint: dict[str, Any]
+    seen: tuple[bool, bool] = (False, False)  # _output_seen when planned: hold_output checks it again
 
     @property
     def paths(self) -> list[str]:
@@ -623,19 +625,55 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     if not (mode == "resume" and state == COMPLETE):
         progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
         out_storage.check_writable(progress_dir)
-    return JobPlan(config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint)
+    seen = _output_seen(progress) if state != EMPTY else (False, False)
+    return JobPlan(
+        config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint, seen
+    )
 
 
 # ---------------------------------------------------------------------------- the job
 
 
+class OutputChanged(OutputError):
+    """The output folder changed between the plan and taking its lease (another run finished or wrote there)."""
+
+
+def _output_seen(progress: Progress) -> tuple[bool, bool]:
+    """What a plan's decisions rest on: whether the output has _SUCCESS, and a manifest."""
+    fs = progress.storage.fs
+    return fs.exists(f"{progress.out}/{SUCCESS}"), fs.exists(progress.manifest_path)
+
+
 def hold_output(plan: JobPlan) -> Lease:
     """Take the output folder's lease for this job (refused with OutputError naming the holder if another run has
     it); the caller passes it to `run_rerank`, which releases it. Entry points take it before Ray starts, so a
-    second run is refused at once."""
+    second run is refused at once. OutputChanged if the folder changed since the plan looked at it (a run that
+    held it finished in between): plan again (`plan_and_hold` does)."""
     lease = Lease(plan.progress, plan.config.output.lease_timeout_s)
     lease.acquire(takeover=plan.config.output.mode in ("resume", "overwrite"))
+    if _output_seen(plan.progress) != plan.seen:
+        lease.release()
+        raise OutputChanged(
+            f"output {plan.config.output.uri} changed while this run was starting (another run finished or wrote "
+            "there); run the command again"
+        )
     return lease
+
+
+def plan_and_hold(config: RerankJobConfig, plan: JobPlan | None = None) -> tuple[JobPlan, Lease | None]:
+    """The plan and the output's lease, planned once more if the output changed before the lease was taken;
+    no lease (None) when the plan finds the job already complete."""
+    plan = plan or plan_rerank(config)
+    for attempt in range(2):
+        if plan.already_complete:
+            return plan, None
+        try:
+            return plan, hold_output(plan)
+        except OutputChanged:
+            if attempt:
+                raise
+            plan = plan_rerank(config)
+    raise AssertionError("unreachable")
 
 
 def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None, lease: Lease | None = None) -> JobSummary:
@@ -670,7 +708,10 @@ def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, st
     backends.check_model_on(config.model, device)  # on the actors' device, before any of them starts
     model = plan.model | {"device": str(device), "max_batch_tokens": max_batch_tokens(config.model, device)}
     own = lease is None
-    lease = lease or hold_output(plan)
+    if own:
+        plan, lease = plan_and_hold(config, plan)
+        if lease is None:  # another run finished it meanwhile
+            return JobSummary.from_dict((plan.progress.read_summary() or {}) | {"output_uri": config.output.uri})
     try:
         return _run_leased(config, plan, lease, started, scale, model)
     finally:

@@ -32,7 +32,7 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.batch import hold_output, plan_rerank, run_rerank
+    from pipelines.batch import plan_and_hold, plan_rerank, run_rerank
     from pipelines.config import RerankJobConfig, load_config
     from pipelines.ray_runtime import joins_cluster
     from pipelines.storage import credentials_to_environment
@@ -52,7 +52,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             import ray
 
             joined = not ray.is_initialized()  # False when the caller's Ray is already up (tests, notebooks)
-            lease = hold_output(plan)  # one job per output folder: a second run is refused before Ray starts
+            # One job per output folder: a second run is refused before Ray starts.
+            plan, lease = plan_and_hold(config, plan)
+            if lease is None:  # a run that held the folder finished it while this one planned
+                print(f"rerank: {config.output.uri} is already complete (it has _SUCCESS); nothing to do", flush=True)
+                return 0
             try:
                 connect(config.ray)
             except BaseException:

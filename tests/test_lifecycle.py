@@ -152,11 +152,11 @@ def _stop_mid_job(proc: subprocess.Popen, done: Path, more: int, sig: int, tree:
     while proc.poll() is None and time.monotonic() < deadline:
         n = count()
         if target is None:
+            if n > before:
+                target = n + more  # counted before the slow sample below, which the job outruns
             if tree is not None and (n > before or time.monotonic() >= next_sample):
                 tree.sample()  # slow (every process's sockets): not in the tight part of the loop
                 next_sample = time.monotonic() + 0.5
-            if n > before:
-                target = count() + more
         elif n >= target:
             proc.send_signal(sig)
             break
@@ -188,7 +188,8 @@ def _check_stopped(err: str, rc: int, expected_rc: int, done_now: int, units: in
 def test_run_stops_on_sigterm_and_sigint_then_resumes(tmp_path, tiny_cross_encoder, ray_tmp):
     """SIGTERM mid-job (143), `--resume` stopped by SIGINT (130), `--resume` to the end: the output equals the
     reference of an uninterrupted run. The first run's listening sockets are all on loopback."""
-    pairs = make_pairs(num_queries=80, per_query=9, seed=7)  # 600 pairs, 200 units of 3: about 1.5 s of scoring
+    # 1,500 pairs, 500 units of 3: a few seconds of scoring, so a signal sent after a few commits lands mid-job
+    pairs = make_pairs(num_queries=200, per_query=9, seed=7)
     src = write_flat(pairs, tmp_path / "in", files=3)
     out = tmp_path / "out"
     config = tmp_path / "job.yaml"

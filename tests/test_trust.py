@@ -288,7 +288,10 @@ def test_two_runs_at_once_one_is_refused(tmp_path, tiny_cross_encoder, pairs, re
     codes = sorted(rc for rc, _, _ in results)
     assert codes == [0, 2], results
     refused = next(err for rc, _, err in results if rc == 2)
-    assert "is in use by another run" in refused and refused.count("\n") == 1, refused
+    # Refused while the winner held the folder, or, on a loaded machine, planned before the winner started and
+    # took the lease after it had finished: then it plans again and finds the finished job.
+    assert "is in use by another run" in refused or "already holds a finished job" in refused, refused
+    assert refused.count("\n") == 1, refused  # one line, before Ray started
     if late.returncode == 0:  # the winner finished before the late run planned: it found the job complete
         assert "already complete" in late.stdout
     else:
