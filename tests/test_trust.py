@@ -469,3 +469,22 @@ def test_the_lease_on_s3_uses_conditional_writes(s3_server, tmp_path):
     assert storage.replace_if(lease.path, b"{}", lease._tag or "") is None  # the old tag no longer matches
     other.release()
     assert not fs.exists("leases/job/_work/lease.json")
+
+
+def test_a_run_that_finishes_between_the_plan_and_the_lease_is_noticed(tmp_path, tiny_cross_encoder, pairs):
+    """A --resume planned while another run was publishing (its lease gone, _SUCCESS just written) must not redo
+    the job over the finished output: holding the lease, it sees the output changed and plans again."""
+    from pipelines.batch import OutputChanged, hold_output, plan_and_hold
+
+    src = write_flat(pairs, tmp_path / "in", files=1)
+    config = job(tmp_path, tiny_cross_encoder, src, output__mode="resume")
+    plan = plan_rerank(config)  # the output is empty now
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "_summary.json").write_text(json.dumps({"fingerprint": plan.fingerprint, "rows_written": 30}))
+    (out / "_SUCCESS").write_text("")  # ... and now another run has finished it
+    with pytest.raises(OutputChanged, match="changed while this run was starting"):
+        hold_output(plan)
+    assert not (out / "_work").exists()  # the lease it took is gone again
+    again, lease = plan_and_hold(config, plan)
+    assert lease is None and again.already_complete
