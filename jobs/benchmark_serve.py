@@ -118,12 +118,17 @@ def main() -> None:
     )
 
     import torch
+    import yaml
 
     from pipelines.config import ModelConfig
     from pipelines.scoring import Scorer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    scorer = Scorer(ModelConfig(name_or_path=model, max_length=args.max_length))
+    # The same model settings as the service (e.g. --set model.backend=auto --set model.dtype=auto), so the ratio
+    # compares like with like.
+    model_sets = dict(o.split("=", 1) for o in args.overrides if o.startswith("model."))
+    extra = {k.removeprefix("model."): yaml.safe_load(v) for k, v in model_sets.items()}
+    scorer = Scorer(ModelConfig(**{"name_or_path": model, "max_length": args.max_length, **extra}))
     qs = [q for q, d in jobs for _ in d]
     ps = [p for _, d in jobs for p in d]
     t = time.perf_counter()
