@@ -562,6 +562,9 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     progress = Progress(out_storage, out_path)
     try:
         state = progress.state()
+        # What the decisions below rest on, read with the state: hold_output compares it once it holds the lease
+        # (a run that held the folder may finish while this plan reads footers and loads the tokenizer).
+        seen = _output_seen(progress) if state != EMPTY else (False, False)
     except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
         raise OutputError(f"cannot access output {config.output.uri}: {type(err).__name__}: {err}") from None
     mode = config.output.mode
@@ -625,7 +628,6 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     if not (mode == "resume" and state == COMPLETE):
         progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
         out_storage.check_writable(progress_dir)
-    seen = _output_seen(progress) if state != EMPTY else (False, False)
     return JobPlan(
         config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint, seen
     )
@@ -732,6 +734,12 @@ def _run_leased(
     config: RerankJobConfig, plan: JobPlan, lease: Lease, started: float, scale: dict[str, Any], model: dict[str, Any]
 ) -> JobSummary:
     progress = plan.progress
+    if (
+        config.output.mode != "overwrite"
+        and plan.state != COMPLETE
+        and progress.storage.exists(f"{plan.out_path}/{SUCCESS}")
+    ):  # only an overwrite replaces a finished output's results (hold_output's check makes this unreachable)
+        raise OutputChanged(f"output {config.output.uri} was finished by another run while this one started")
     if config.output.mode == "overwrite" and plan.state != EMPTY:
         progress.clear_all()
 

@@ -471,18 +471,38 @@ def test_the_lease_on_s3_uses_conditional_writes(s3_server, tmp_path):
     assert not fs.exists("leases/job/_work/lease.json")
 
 
-def test_a_run_that_finishes_between_the_plan_and_the_lease_is_noticed(tmp_path, tiny_cross_encoder, pairs):
-    """A --resume planned while another run was publishing (its lease gone, _SUCCESS just written) must not redo
-    the job over the finished output: holding the lease, it sees the output changed and plans again."""
+def test_a_run_that_finishes_between_the_plan_and_the_lease_is_noticed(
+    tmp_path, tiny_cross_encoder, pairs, monkeypatch
+):
+    """A --resume planned while another run was publishing (its plan saw the unfinished job; by the time it takes
+    the lease, the other run has written _SUCCESS and gone) must not redo the job over the finished output: holding
+    the lease, it sees the output changed and plans again, and finds the job complete."""
+    import shutil
+
     from pipelines.batch import OutputChanged, hold_output, plan_and_hold
 
     src = write_flat(pairs, tmp_path / "in", files=1)
-    config = job(tmp_path, tiny_cross_encoder, src, output__mode="resume")
-    plan = plan_rerank(config)  # the output is empty now
     out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    (out / "_summary.json").write_text(json.dumps({"fingerprint": plan.fingerprint, "rows_written": 30}))
-    (out / "_SUCCESS").write_text("")  # ... and now another run has finished it
+    fingerprint = plan_rerank(job(tmp_path, tiny_cross_encoder, src)).fingerprint
+    (out / "_work").mkdir(parents=True)
+    (out / "_work" / "manifest.json").write_text(
+        json.dumps({"version": 2, "fingerprint": fingerprint, "join_partitions": 2, "units": None})
+    )
+    config = job(tmp_path, tiny_cross_encoder, src, output__mode="resume")
+    import pipelines.scoring
+
+    real = pipelines.scoring.describe_model
+
+    def publish_meanwhile(*args, **kwargs):  # the other run publishes while this plan loads the tokenizer
+        (out / "_summary.json").write_text(json.dumps({"fingerprint": fingerprint, "rows_written": 30}))
+        (out / "_SUCCESS").write_text("")
+        shutil.rmtree(out / "_work")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines.scoring, "describe_model", publish_meanwhile)
+    plan = plan_rerank(config)
+    monkeypatch.setattr(pipelines.scoring, "describe_model", real)
+    assert plan.state == "incomplete" and plan.seen == (False, True)
     with pytest.raises(OutputChanged, match="changed while this run was starting"):
         hold_output(plan)
     assert not (out / "_work").exists()  # the lease it took is gone again
