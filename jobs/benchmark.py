@@ -203,7 +203,7 @@ def scorer_run(model_path: str, kind: str, queries, passages, max_length: int, c
 
 
 def ray_job(work: Path, model_path: str, kind: str, max_length: int, overrides: list[str], tag: str):
-    from pipelines.batch import run_rerank
+    from pipelines.job import run_rerank
     from pipelines.config import RerankJobConfig, apply_overrides, validate_config
 
     out = work / f"out-{tag}"

@@ -299,36 +299,56 @@ class ScaleConfig(_Strict):
 
     num_actors: int | Literal["auto"] = Field(
         "auto",
-        description="Scoring actors (model copies) when max_actors is unset. auto: one per GPU when "
-        "actors take GPUs, else one per num_cpus_per_actor of the cluster's CPUs, less 2 kept for reading.",
+        description="Model actors (model copies) the pool starts with and keeps at least; auto: 1. The pool grows "
+        "to max_actors while units wait and the cluster has room (an autoscaler adds nodes for it).",
     )
     max_actors: int | None = Field(
         None,
         ge=1,
-        description="Actors requested (default: num_actors). All are requested at the start; those the cluster "
-        "cannot place yet stay pending (asking an autoscaler for nodes) and take units as soon as they are ready, "
-        "so the pool grows as nodes join; none is removed before the job ends.",
+        description="Most model actors (default: num_actors when it is a number, else one per GPU the cluster "
+        "has or its node types can add, or without GPUs one per num_cpus_per_actor of the cluster's CPUs less the "
+        "CPU stages' share). Idle actors go when the work is done.",
     )
     num_gpus_per_actor: float | Literal["auto"] = Field(
-        "auto", description="GPUs per actor; auto: 1 when the cluster has GPUs and model.device is not cpu, else 0."
+        "auto",
+        description="GPUs per model actor (fractions share a GPU); auto: 1 when model.device is not cpu and the "
+        "cluster has GPUs or an autoscaler can add GPU nodes (its node types), else 0. A job that wants GPUs "
+        "waits for them up to actor_start_timeout_s; it never scores on CPUs instead.",
     )
     num_cpus_per_actor: float = Field(
         2.0,
         gt=0,
-        description="CPUs reserved per actor; also its torch thread count on CPU (on 2 cores one actor with 2 "
-        "threads scored 25% faster than two actors with one thread each).",
+        description="CPUs reserved per model actor; on CPU also its torch thread count (on 2 cores one actor with "
+        "2 threads scored 25% faster than two actors with one thread each). Tokenising runs in the CPU stage.",
+    )
+    accelerator_type: str | None = Field(
+        None, description="Only nodes with this accelerator for the model actors, e.g. H100, A10G (Ray's names)."
+    )
+    batches_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Units queued at each model actor beyond the one it scores, so it never waits for the next.",
+    )
+    prepare_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs per task of the CPU stage (read, validate, tokenise a unit), which runs on every node "
+        "with free CPUs, as many tasks at once as they allow.",
+    )
+    prepare_concurrency: int | None = Field(
+        None, ge=1, description="Most CPU-stage tasks at once (default: as many as the cluster's CPUs allow)."
     )
     batch_rows: int = Field(
         4096,
         ge=1,
-        description="Pairs handed to the Scorer per call; it sorts them by length in blocks of up to 1,024 and "
-        "tokenises the next block while the model runs (512 pairs a call padded more and overlapped less).",
+        description="Pairs per model call of a bi-encoder (cross-encoders and causal-lm score a unit in "
+        "micro-batches of model.max_batch_tokens padded tokens).",
     )
     unit_rows: int = Field(
         20_000,
         ge=1,
-        description="Input pairs per unit of work: a slice of one file that an actor scores and commits in one "
-        "go. A failure or a resume redoes at most the units in flight.",
+        description="Input pairs per unit of work: a slice of one file that is read, tokenised, scored and "
+        "committed as one. A failure or a resume redoes at most the units in flight.",
     )
     num_partitions: int | None = Field(
         None,
@@ -347,15 +367,15 @@ class ScaleConfig(_Strict):
     unit_retries: int = Field(
         3,
         ge=0,
-        description="Times a unit is retried after its actor died while scoring it; past that the job fails (a unit "
-        "that kills every actor is not retried forever).",
+        description="Times a unit's stage is retried after its worker or actor died, or a storage error; past "
+        "that the job fails (a unit that kills every actor is not retried forever).",
     )
     actor_start_timeout_s: float = Field(
         900.0,
         gt=0,
-        description="How long to wait for a first scoring actor to be placed and load its model, and for one to "
-        "restart once every actor has died (an autoscaling cluster may have to add a node first); then the job "
-        "stops with the reason, its finished units kept for --resume.",
+        description="How long to wait for the first model actor to be placed and load its model (an autoscaling "
+        "cluster may have to add a GPU node first); then the job stops saying what it lacked, its finished units "
+        "kept for --resume.",
     )
 
     @model_validator(mode="after")

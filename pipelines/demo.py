@@ -62,7 +62,7 @@ def write_cranfield_candidates(folder: Path, k: int = CANDIDATES_PER_QUERY, shar
 
 
 def run_demo(output: str, overrides: list[str] | None = None) -> int:
-    from pipelines.batch import run_rerank
+    from pipelines.job import run_rerank
 
     root = Path(output).resolve()
     candidates = root / "candidates"

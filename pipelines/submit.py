@@ -119,7 +119,7 @@ def check_config(kind: str, config_path: str | Path, overrides: list[str], *, re
     data |= {"input.corpus_uri": config.input.corpus_uri, "output.uri": config.output.uri}
     _check_paths(data, _model_paths({"model.name_or_path": config.model.name_or_path}))
     if plan:
-        from pipelines.batch import plan_rerank
+        from pipelines.job import plan_rerank
 
         try:
             plan_rerank(config, on_cluster=True)  # the cluster's workers, not this machine, run the model

@@ -268,15 +268,17 @@ class LocalCluster:
                 pass
 
 
-def start_local_ray(num_cpus: int = 4) -> None:
+def start_local_ray(num_cpus: int = 4, num_gpus: int = 0) -> None:
     """An in-process Ray for one test module, on loopback only: more logical CPUs than cores, so actors never
-    starve the read tasks on a 2-core machine. The caller shuts it down."""
+    starve the read tasks on a 2-core machine; `num_gpus` declared (none need be there). The caller shuts it
+    down."""
     import ray
 
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.batch import plan_rerank, run_rerank
+from pipelines.job import plan_rerank, run_rerank
 from pipelines.config import ModelConfig, RerankJobConfig
 from pipelines.errors import ConfigError, InputError, OutputError
 from pipelines.scoring import Scorer

@@ -77,7 +77,7 @@ def _config(tmp_path, model: str, src, **scale):
 def _remove_mid_job(c, workers, lose: int, config, done: Path) -> dict:
     """Run the job in a thread; once both actors have committed units, remove the first `lose` worker nodes and
     wait for the job. Returns {"summary": ...} or {"error": ...}."""
-    from pipelines.batch import run_rerank
+    from pipelines.job import run_rerank
 
     result: dict = {}
 
@@ -144,7 +144,7 @@ def test_every_worker_node_lost_then_resumed_on_a_new_one(cluster, tmp_path, tin
     """Both actors' nodes lost and no other node can host them: the job stops after actor_start_timeout_s with the
     reason instead of waiting forever; once a node is back (as an autoscaler would add one), --resume finishes
     with the output of an uninterrupted run, keeping the units done before."""
-    from pipelines.batch import JobError, run_rerank
+    from pipelines.job import JobError, run_rerank
 
     c, workers = cluster
     pairs = make_pairs(num_queries=60, per_query=9, seed=8)

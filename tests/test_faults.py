@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.batch import JobError, run_rerank
+from pipelines.job import JobError, run_rerank
 from pipelines.config import ModelConfig, RerankJobConfig
 from pipelines.errors import InputError, OutputError
 from pipelines.scoring import Scorer
@@ -165,7 +165,7 @@ def _score_worker_pids() -> list[int]:
     return [
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if any("ScoreWorker" in part for part in (p.info["cmdline"] or []))
+        if any("ModelStage" in part for part in (p.info["cmdline"] or []))
     ]
 
 

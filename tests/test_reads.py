@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.batch import _WorkQueue, plan_rerank, run_rerank
+from pipelines.job import plan_rerank, run_rerank
+from pipelines.job.stages import chains_of
 from pipelines.config import ModelConfig
 from pipelines.reads import Unit, UnitReader, plan_units, read_footers
 from pipelines.records import detect_layout
@@ -89,9 +90,9 @@ def test_one_large_row_group_is_decoded_once_across_its_slices(ray_local, tmp_pa
 
 def test_row_groups_larger_and_smaller_than_a_unit(ray_local, tmp_path, tiny_cross_encoder, monkeypatch):
     """Also the reduce with several merge groups and buckets (the rows of a query spread over units)."""
-    import pipelines.batch
+    import pipelines.job.reduce
 
-    monkeypatch.setattr(pipelines.batch, "MERGE_FANIN", 3)
+    monkeypatch.setattr(pipelines.job.reduce, "MERGE_FANIN", 3)
     pairs = short_pairs(60, 9, seed=2).sample(frac=1.0, random_state=3).reset_index(drop=True)
     ref = reference_top_n(pairs, scores_of(pairs, tiny_cross_encoder), TOP_N)
     src = tmp_path / "in"
@@ -188,21 +189,8 @@ def test_a_reader_keeps_its_place_in_a_chain(tmp_path):
     assert again.rows_decoded >= 900  # out of order: the rows before it are decoded too
 
 
-def test_the_work_queue_hands_a_chain_to_one_actor_and_steals_halves():
-    units = [Unit.of("f", 100 * i, 100 * (i + 1), chain="f#0") for i in range(10)] + [Unit.of("g", 0, 10)]
-    q = _WorkQueue(units)
-    a = [q.take("A"), q.take("A")]
-    assert [u.start for u in a] == [0, 100]
-    b = q.take("B")
-    assert b.path == "g"  # the free unit, not A's chain
-    stolen = q.take("B")  # nothing free: B takes the second half of A's chain
-    assert stolen.start == 600 and len(q) == 7
-    assert [q.take("A").start for _ in range(4)] == [200, 300, 400, 500]
-    assert q.take("A") is None  # B has 3 left: too short a tail to steal
-    q.put_back(a[1])  # A's attempt failed: first of its chain again
-    q.drop_actor("A")
-    assert q.take("C").start == 100
-    rest = []
-    while (u := q.take("B")) is not None:
-        rest.append(u.start)
-    assert rest == [700, 800, 900] and len(q) == 0
+def test_chains_keep_a_row_groups_slices_together_in_order():
+    units = [Unit.of("f", 100 * i, 100 * (i + 1), chain="f#0") for i in range(4)] + [Unit.of("g", 0, 10)]
+    chains = chains_of(units)
+    assert [[u.start for u in c] for c in chains] == [[0, 100, 200, 300], [0]]
+    assert chains[1][0].path == "g"

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from pipelines.batch import run_rerank
+from pipelines.job import run_rerank
 from pipelines.config import ModelConfig, RerankJobConfig, validate_config
 from pipelines.errors import InputError
 from pipelines.scoring import Scorer

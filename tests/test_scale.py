@@ -23,7 +23,7 @@ import pytest
 import s3fs
 import yaml
 
-from pipelines.batch import hold_output, plan_rerank, run_rerank
+from pipelines.job import hold_output, plan_rerank, run_rerank
 from pipelines.reads import plan_units
 from pipelines.records import layout_to_json
 from tests.datasets import WORDS, small_job

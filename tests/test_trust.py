@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.batch import plan_rerank, run_rerank
+from pipelines.job import plan_rerank, run_rerank
 from pipelines.config import ModelConfig, StorageConfig
 from pipelines.errors import ConfigError, InputError, OutputError
 from pipelines.progress import Lease, Progress
@@ -479,7 +479,7 @@ def test_a_run_that_finishes_between_the_plan_and_the_lease_is_noticed(
     the lease, it sees the output changed and plans again, and finds the job complete."""
     import shutil
 
-    from pipelines.batch import OutputChanged, hold_output, plan_and_hold
+    from pipelines.job import OutputChanged, hold_output, plan_and_hold
 
     src = write_flat(pairs, tmp_path / "in", files=1)
     out = tmp_path / "out"

@@ -178,3 +178,76 @@ def build_decoder_classifier(
     cfg = _qwen3_config(len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     Qwen3ForSequenceClassification(cfg).save_pretrained(path)
     return path
+
+
+_SIMULATED = '''"""A simulated accelerator for tests: a sequence classifier that scores at a fixed rate without using CPU (it
+sleeps per batch, releasing the GIL) and returns deterministic scores (a hash of each row's real tokens)."""
+
+import time
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class SimulatedConfig(PretrainedConfig):
+    model_type = "rerank-simulated"
+
+    def __init__(self, pairs_per_s=2000.0, vocab_size=256, max_position_embeddings=512, **kwargs):
+        super().__init__(**kwargs)
+        self.pairs_per_s = pairs_per_s
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+
+
+class SimulatedAccelerator(PreTrainedModel):
+    config_class = SimulatedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        time.sleep(input_ids.shape[0] / self.config.pairs_per_s)
+        real = input_ids.long() * attention_mask.long()
+        code = (real * torch.arange(1, real.shape[1] + 1)).sum(-1) % 9973
+        return SequenceClassifierOutput(logits=(code.float() / 9973.0).unsqueeze(-1) + self.bias)
+'''
+
+
+def simulated_scores(input_ids: list[list[int]]) -> list[float]:
+    """What the simulated accelerator scores each (unpadded) row of token ids."""
+    return [float(sum(t * (i + 1) for i, t in enumerate(ids)) % 9973) / 9973.0 for ids in input_ids]
+
+
+def build_simulated_accelerator(path: str | Path, pairs_per_s: float, tokenizer_from: str | Path | None = None) -> Path:
+    """A model folder (custom code, loaded with trust_remote_code through from_pretrained) that scores
+    `pairs_per_s` pairs per second without using CPU; the tiny BERT tokenizer, or `tokenizer_from`'s."""
+    import importlib.util
+    import sys
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is None:
+        _write_tokenizer(path)
+    else:
+        AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(path)
+    import tempfile
+
+    source = Path(tempfile.mkdtemp(prefix="rerank-sim-")) / "modeling_simulated.py"  # save_pretrained copies it
+    source.write_text(_SIMULATED)
+    spec = importlib.util.spec_from_file_location("modeling_simulated", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["modeling_simulated"] = module
+    spec.loader.exec_module(module)
+    module.SimulatedConfig.register_for_auto_class()
+    module.SimulatedAccelerator.register_for_auto_class("AutoModelForSequenceClassification")
+    model = module.SimulatedAccelerator(module.SimulatedConfig(pairs_per_s=pairs_per_s, num_labels=1))
+    model.save_pretrained(path)
+    return path

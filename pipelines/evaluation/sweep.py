@@ -123,7 +123,7 @@ def score_candidates(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.batch import run_rerank
+    from pipelines.job import run_rerank
 
     cand_dir = work_dir / "candidates"
     cand_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,26 @@
+"""The batch job: a folder of its stages.
+
+- ``plan``: validate a job without Ray (inputs, layout, model, output), its fingerprint, the output's lease;
+- ``join``: the corpus join, when candidates carry no text (Ray Data);
+- ``stages``: the job's CPU stages around the shared model stage (``pipelines.stages``): read + tokenise a unit,
+  commit a unit;
+- ``scale``: the stages' resources and the model pool's size on this cluster;
+- ``reduce``: the units' partial top-N -> the final top-N, checked;
+- ``run``: the wiring (``run_rerank``);
+- ``summary``: what a job reports.
+"""
+
+from pipelines.job.plan import JobPlan, OutputChanged, hold_output, plan_and_hold, plan_rerank
+from pipelines.job.run import run_rerank
+from pipelines.job.summary import JobError, JobSummary
+
+__all__ = [
+    "JobError",
+    "JobPlan",
+    "JobSummary",
+    "OutputChanged",
+    "hold_output",
+    "plan_and_hold",
+    "plan_rerank",
+    "run_rerank",
+]

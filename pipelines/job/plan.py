@@ -1,0 +1,285 @@
+"""Plan a job, without Ray: list the input files, read each one's footer once, check their layout, the model, the
+corpus and the output; record what shapes the output (`job_fingerprint`) so a resume can be checked against it;
+hold the output folder (one job per output, `hold_output`). The units of work are cut from the footers by
+`pipelines.reads.plan_units` when the job starts (`pipelines.job.run`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines import records
+from pipelines.config import RerankJobConfig, StorageConfig
+from pipelines.errors import InputError, OutputError
+from pipelines.progress import (
+    COMPLETE,
+    EMPTY,
+    FOREIGN,
+    INCOMPLETE,
+    SUCCESS,
+    Lease,
+    Progress,
+    describe_holder,
+    differences,
+    input_changes,
+    live_lease,
+)
+from pipelines.reads import Footer, identity, needs_footer_for_identity, read_footers
+from pipelines.records import InputLayout
+from pipelines.storage import FileInfo, Storage
+
+MANIFEST_VERSION = 2  # 2: input files identified by content (S3 ETag; local size, mtime and footer hash)
+
+
+def _identities(storage: Storage, files: list[FileInfo], footers: list[Footer] | None) -> dict[str, str]:
+    """Each input file's content identity (see `reads.identity`), by path: what a resume compares."""
+    return {f.path: identity(storage, f, footers[i] if footers else None) for i, f in enumerate(files)}
+
+
+def inspect_input(
+    config: RerankJobConfig, recorded: dict[str, Any] | None = None
+) -> tuple[Storage, list[FileInfo], list[Footer] | None, InputLayout]:
+    """List the input files, read each one's footer once and check that every one has the same usable layout.
+    `recorded`: the manifest of the job being resumed, when its units are planned: if the listing shows every
+    file unchanged (S3: size and ETag), no footer is read and the recorded layout stands (footers None)."""
+    uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
+    storage = Storage.for_uri(uris[0], config.storage)
+    if any(Storage.for_uri(u, config.storage).protocol != storage.protocol for u in uris):
+        raise InputError("input.uri mixes storage schemes; give paths on one storage")
+    files = storage.list_parquet(uris)
+    if recorded is not None and not needs_footer_for_identity(storage):
+        inputs = recorded.get("fingerprint", {}).get("input_files", {})
+        listed = _identities(storage, files, None)
+        if recorded.get("layout") and all(inputs.get(p) == ident for p, ident in listed.items()):
+            return storage, files, None, records.layout_from_json(recorded["layout"])
+    footers = read_footers(storage, files)
+    paths = [f.info.path for f in footers]
+    schemas = [f.schema for f in footers]
+    corpus = config.input.corpus_uri is not None
+    layout = records.detect_layout(schemas[0], storage.uri(paths[0]), corpus)
+    for path, schema in zip(paths[1:], schemas[1:]):
+        other = records.detect_layout(schema, storage.uri(path), corpus)
+        if other != layout:
+            raise InputError(
+                f"{storage.uri(path)} does not match {storage.uri(paths[0])}: "
+                f"{'; '.join(records.layout_differences(layout, other, storage.uri(paths[0]), storage.uri(path)))}; "
+                "all input files must share one layout and column types"
+            )
+    return storage, files, footers, layout
+
+
+def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storage, list[Footer]]:
+    """Check the corpus files' columns from their footers. That no doc_id appears twice (a pair would join two
+    texts) is checked where the corpus is read, by the join (`_join_corpus`), not on the driver."""
+    storage = Storage.for_uri(config.input.corpus_uri, config.storage)
+    footers = read_footers(storage, storage.list_parquet(config.input.corpus_uri))
+    for footer in footers:
+        records.check_corpus(footer.schema, storage.uri(footer.info.path), layout.doc_id_type)
+    return storage, footers
+
+
+def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
+    """What shapes a job's output: a resume must match it. Scale, Ray, storage settings, output.mode and the
+    lease timeout do not change the results, so they may differ. `inputs`: each input file's content identity."""
+    data = config.model_dump(mode="json")
+    for section in ("scale", "ray", "storage"):
+        data.pop(section, None)
+    data["output"].pop("mode", None)
+    data["output"].pop("lease_timeout_s", None)
+    data["input"].pop("uri", None)  # the files themselves are compared
+    data["model"].pop("num_threads", None)
+    data["model_revision"] = model.get("revision")
+    data["input_files"] = dict(sorted(inputs.items()))
+    return data
+
+
+def _refuse_changed_job(
+    uri: str, recorded: dict[str, Any], fingerprint: dict[str, Any], storage: Storage, finished: bool
+) -> None:
+    """Raise OutputError if the job recorded in the output differs from this one (config or input content)."""
+    what = "the finished job" if finished else "the job"
+    files = input_changes(recorded.get("input_files", {}), fingerprint["input_files"], storage.uri)
+    rest = differences(
+        {k: v for k, v in recorded.items() if k != "input_files"},
+        {k: v for k, v in fingerprint.items() if k != "input_files"},
+    )
+    diff = files + rest
+    if not diff:
+        return
+    more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+    raise OutputError(
+        f"cannot resume {uri}: this job differs from {what} recorded there: {'; '.join(diff[:3])}{more}; use the "
+        "same config and input, or output.mode=overwrite to start over (or pick a new output.uri)"
+    )
+
+
+def _input_roots(storage: Storage, uris: str | list[str]) -> list[str]:
+    roots = []
+    for uri in [uris] if isinstance(uris, str) else uris:
+        path = storage.path(uri)
+        cut = min((path.index(c) for c in "*?[" if c in path), default=None)
+        roots.append(path[:cut].rsplit("/", 1)[0] if cut is not None else path)
+    return roots
+
+
+@dataclass
+class JobPlan:
+    """Everything checked before any cluster time is spent: input files and layout, corpus, model, output."""
+
+    config: RerankJobConfig
+    storage: Storage
+    files: list[FileInfo]
+    footers: list[Footer] | None  # each input file's, read once by the plan; None on a resume that needs none
+    layout: InputLayout
+    corpus: tuple[Storage, list[Footer]] | None
+    model: dict[str, Any]
+    out_storage: Storage
+    out_path: str
+    state: str
+    fingerprint: dict[str, Any]
+    seen: tuple[bool, bool] = (False, False)  # _output_seen when planned: hold_output checks it again
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.out_storage, self.out_path)
+
+    @property
+    def already_complete(self) -> bool:
+        return self.state == COMPLETE and self.config.output.mode == "resume"
+
+
+def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobPlan:
+    """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem.
+    `on_cluster`: the job will run on a cluster (default: RAY_ADDRESS is set), so with model.device auto the
+    device is the actors', checked once they are known."""
+    from pipelines.scoring import describe_model
+
+    out_storage = Storage.for_uri(config.output.uri, config.storage)
+    out_path = out_storage.path(config.output.uri)
+    progress = Progress(out_storage, out_path)
+    try:
+        state = progress.state()
+        # What the decisions below rest on, read with the state: hold_output compares it once it holds the lease
+        # (a run that held the folder may finish while this plan reads footers and loads the tokenizer).
+        seen = _output_seen(progress) if state != EMPTY else (False, False)
+    except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
+        raise OutputError(f"cannot access output {config.output.uri}: {type(err).__name__}: {err}") from None
+    mode = config.output.mode
+    manifest = progress.read_manifest() if mode == "resume" and state == INCOMPLETE else None
+    if manifest is not None and manifest.get("version") != MANIFEST_VERSION:
+        raise OutputError(
+            f"cannot resume {config.output.uri}: its work folder was written by another version of rerank "
+            f"(manifest version {manifest.get('version')}, this one writes {MANIFEST_VERSION}); start over "
+            "with output.mode=overwrite"
+        )
+    planned = manifest if manifest is not None and manifest.get("units") is not None else None
+    storage, files, footers, layout = inspect_input(config, planned)
+    corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
+    model = describe_model(config.model, on_cluster)
+    if out_storage.protocol == storage.protocol:
+        protect = [f.path for f in files] + _input_roots(storage, config.input.uri)
+        if corpus:
+            protect += [f.info.path for f in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
+        for other in protect:
+            o = other.rstrip("/")
+            if o == out_path or o.startswith(out_path + "/") or out_path.startswith(o + "/"):
+                raise OutputError(
+                    f"output.uri {config.output.uri} overlaps the input {storage.uri(o)}: a later run would read "
+                    "the results as input; choose a folder outside the input"
+                )
+    holder = live_lease(progress, config.output.lease_timeout_s) if state != EMPTY else None
+    if holder is not None:
+        raise OutputError(
+            f"output {config.output.uri} is in use by another run ({describe_holder(holder, holder['age_s'])}); "
+            "wait for it to finish, or stop it; one job writes one output folder at a time"
+        )
+    identities = _identities(storage, files, footers)
+    if corpus:
+        identities |= _identities(corpus[0], [f.info for f in corpus[1]], corpus[1])
+    fingerprint = job_fingerprint(config, model, identities)
+    if mode == "error" and state == INCOMPLETE:
+        raise OutputError(
+            f"output {config.output.uri} holds {progress.describe_incomplete()}: finish it with --resume "
+            "(output.mode=resume), or start over with output.mode=overwrite"
+        )
+    if mode in ("error", "resume") and state == FOREIGN:
+        raise OutputError(
+            f"output {config.output.uri} already holds files that are not a rerank job's; set output.mode=overwrite "
+            "to replace them or pick a new output.uri"
+        )
+    if mode == "error" and state == COMPLETE:
+        raise OutputError(
+            f"output {config.output.uri} already holds a finished job; set output.mode=overwrite to replace it or "
+            "pick a new output.uri"
+        )
+    if manifest is not None:
+        _refuse_changed_job(config.output.uri, manifest.get("fingerprint", {}), fingerprint, storage, False)
+    if mode == "resume" and state == COMPLETE:
+        recorded = (progress.read_summary() or {}).get("fingerprint")
+        if not recorded:
+            raise OutputError(
+                f"cannot resume {config.output.uri}: its finished job does not record what produced it (written by "
+                "an older rerank), so it cannot be checked against this one; use output.mode=overwrite to redo it"
+            )
+        _refuse_changed_job(config.output.uri, recorded, fingerprint, storage, True)
+    if not (mode == "resume" and state == COMPLETE):
+        progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
+        out_storage.check_writable(progress_dir)
+    return JobPlan(
+        config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint, seen
+    )
+
+
+class OutputChanged(OutputError):
+    """The output folder changed between the plan and taking its lease (another run finished or wrote there)."""
+
+
+def _output_seen(progress: Progress) -> tuple[bool, bool]:
+    """What a plan's decisions rest on: whether the output has _SUCCESS, and a manifest."""
+    fs = progress.storage.fs
+    return fs.exists(f"{progress.out}/{SUCCESS}"), fs.exists(progress.manifest_path)
+
+
+def hold_output(plan: JobPlan) -> Lease:
+    """Take the output folder's lease for this job (refused with OutputError naming the holder if another run has
+    it); the caller passes it to `run_rerank`, which releases it. Entry points take it before Ray starts, so a
+    second run is refused at once. OutputChanged if the folder changed since the plan looked at it (a run that
+    held it finished in between): plan again (`plan_and_hold` does)."""
+    lease = Lease(plan.progress, plan.config.output.lease_timeout_s)
+    lease.acquire(takeover=plan.config.output.mode in ("resume", "overwrite"))
+    if _output_seen(plan.progress) != plan.seen:
+        lease.release()
+        raise OutputChanged(
+            f"output {plan.config.output.uri} changed while this run was starting (another run finished or wrote "
+            "there); run the command again"
+        )
+    return lease
+
+
+def plan_and_hold(config: RerankJobConfig, plan: JobPlan | None = None) -> tuple[JobPlan, Lease | None]:
+    """The plan and the output's lease, planned once more if the output changed before the lease was taken;
+    no lease (None) when the plan finds the job already complete."""
+    plan = plan or plan_rerank(config)
+    for attempt in range(2):
+        if plan.already_complete:
+            return plan, None
+        try:
+            return plan, hold_output(plan)
+        except OutputChanged:
+            if attempt:
+                raise
+            plan = plan_rerank(config)
+    raise AssertionError("unreachable")
+
+
+def credentials_error() -> str:
+    names = ", ".join(f"storage.{k} ({v})" for k, v in StorageConfig.CREDENTIAL_ENV.items())
+    return (
+        f"S3 keys in the config ({names}) are not sent to Ray workers: set the environment variables named here "
+        "(or AWS_PROFILE, an instance role or IRSA) where the job runs; `rerank run` on a local Ray moves them "
+        "there for you, a job on a cluster needs them in the cluster's environment (e.g. a Kubernetes Secret)"
+    )

@@ -1,0 +1,337 @@
+"""The batch job, wired: plan (``pipelines.job.plan``) -> the corpus join when asked (``join``) -> the units'
+stages on Ray Data (``stages`` around the shared model stage, run by ``pipelines.ray_data``) -> the reduce
+(``reduce``) -> check and publish.
+
+The scoring phase is one streaming Ray Data pipeline over the units still to do:
+
+    chains of units -> read_units (CPU tasks: read, validate, tokenise) -> ModelStage (actor pool: GPU or CPU)
+                    -> commit_units (CPU tasks: top-N per query, the unit's files and commit record)
+
+The driver only folds the commit records that come back (counts, which units left files); it never holds the
+data. Resume, retries and lost actors or nodes rest on the units: a unit counts once its commit record exists,
+its files have names fixed by the unit, a retried stage rewrites the same bytes, and a record that comes back
+twice is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from pipelines import records
+from pipelines.config import RerankJobConfig
+from pipelines.errors import ConfigError
+from pipelines.job.join import join_corpus, join_partitions, joined_layout
+from pipelines.job.plan import MANIFEST_VERSION, JobPlan, OutputChanged, credentials_error, plan_and_hold, plan_rerank
+from pipelines.job.reduce import reduce
+from pipelines.job.stages import UnitSpec, chains_of, commit_units, read_units
+from pipelines.job.summary import JobError, JobSummary, Totals
+from pipelines.pool import model_stage, resolve_pool
+from pipelines.progress import COMPLETE, EMPTY, INCOMPLETE, SUCCESS, Lease
+from pipelines.ray_data import rerank_error, root_cause
+from pipelines.reads import Unit, plan_units, read_footers
+from pipelines.records import PACKED
+
+log = logging.getLogger(__name__)
+
+
+def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None, lease: Lease | None = None) -> JobSummary:
+    """Run (or resume) one reranking job. Ray must already be initialised by the caller. `lease`: the output's
+    lease from `hold_output`, when the caller took it already (released here either way).
+
+    S3 keys in ``config.storage`` are refused: Ray workers get credentials from their environment or the AWS
+    credential chain, never as task or actor arguments (``rerank run`` moves keys from a config file into the
+    environment of the local Ray it starts)."""
+    started = time.perf_counter()
+    try:
+        if config.storage.has_credentials:
+            raise ConfigError(credentials_error())
+        plan = plan or plan_rerank(config)
+        if plan.already_complete:
+            recorded = plan.progress.read_summary() or {}
+            log.info("rerank: %s is already complete; nothing to do", config.output.uri)
+            return JobSummary.from_dict(recorded | {"output_uri": config.output.uri})
+        return _run_planned(config, plan, lease, started)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, started: float) -> JobSummary:
+    # One job per output folder, from before the first write to the last: refused if another run holds it.
+    scale = resolve_pool(config.model, config.scale)
+    from pipelines import backends
+    from pipelines.scoring import max_batch_tokens
+
+    device = backends.actor_device(config.model, scale["num_gpus_per_actor"])
+    backends.check_model_on(config.model, device)  # on the actors' device, before any of them starts
+    model = plan.model | {"device": str(device), "max_batch_tokens": max_batch_tokens(config.model, device)}
+    own = lease is None
+    if own:
+        plan, lease = plan_and_hold(config, plan)
+        if lease is None:  # another run finished it meanwhile
+            return JobSummary.from_dict((plan.progress.read_summary() or {}) | {"output_uri": config.output.uri})
+    try:
+        return _run_leased(config, plan, lease, started, scale, model)
+    finally:
+        if own:
+            lease.release()
+
+
+def _run_leased(
+    config: RerankJobConfig, plan: JobPlan, lease: Lease, started: float, scale: dict[str, Any], model: dict[str, Any]
+) -> JobSummary:
+    progress = plan.progress
+    if (
+        config.output.mode != "overwrite"
+        and plan.state != COMPLETE
+        and progress.storage.exists(f"{plan.out_path}/{SUCCESS}")
+    ):  # only an overwrite replaces a finished output's results (hold_output's check makes this unreachable)
+        raise OutputChanged(f"output {config.output.uri} was finished by another run while this one started")
+    if config.output.mode == "overwrite" and plan.state != EMPTY:
+        progress.clear_all()
+
+    manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
+    layout = plan.layout
+    if manifest is None:
+        partitions = join_partitions(config, sum(f.size for f in plan.files))
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": plan.fingerprint,
+            "layout": records.layout_to_json(plan.layout),
+            "join_partitions": partitions,
+            "units": None,
+        }
+        progress.write_manifest(manifest)
+    partitions = manifest["join_partitions"]
+
+    unit_storage = plan.storage
+    if manifest["units"] is None:
+        if plan.corpus is not None:
+            unit_storage, unit_files = join_corpus(config, plan, partitions)
+            layout = joined_layout(layout)
+            unit_footers = read_footers(unit_storage, unit_files)
+        else:
+            unit_footers = plan.footers if plan.footers is not None else read_footers(plan.storage, plan.files)
+        units, _ = plan_units(unit_footers, layout, config.scale.unit_rows)
+        manifest["units"] = [u.to_list() for u in units]
+        progress.write_manifest(manifest)
+    else:
+        units = [Unit.from_list(row) for row in manifest["units"]]
+        if plan.corpus is not None:
+            unit_storage, layout = plan.out_storage, joined_layout(layout)
+
+    done = progress.done_units()
+    todo = [u for u in units if u.uid not in done]
+    log.info(
+        "rerank: %d input file(s), %s layout%s: %d unit(s), %d to score (%d done before); %d-%d actor(s) x %.2g CPU "
+        "/ %.2g GPU",
+        len(plan.files),
+        layout.layout,
+        " + corpus join" if plan.corpus else "",
+        len(units),
+        len(todo),
+        len(units) - len(todo),
+        scale["min_actors"],
+        scale["max_actors"],
+        scale["num_cpus_per_actor"],
+        scale["num_gpus_per_actor"],
+    )
+
+    spec = UnitSpec(
+        model=config.model,
+        layout=layout,
+        storage=config.storage,
+        input_protocol_uri=unit_storage.uri(units[0].path) if units else config.output.uri,
+        output_uri=config.output.uri,
+        top_n=config.output.top_n,
+        max_text_bytes=config.input.max_text_bytes,
+        corpus=plan.corpus is not None,
+        corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
+    )
+    timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
+    # Commit records: those of this run come back from the actors; only units done before it are read back.
+    totals = Totals()
+    for _, record in progress.read_done([u.uid for u in units if u.uid in done]):
+        totals.add(record, now=False)
+    if todo:
+        _score(spec, todo, scale, config, timings, totals)
+
+    summary = JobSummary(
+        output_uri=config.output.uri,
+        layout=plan.layout.layout + (" + corpus" if plan.corpus else ""),
+        config=config.model_dump(mode="json"),
+        model=model,
+        input_files=len(plan.files),
+        units=len(units),
+        units_resumed=len(units) - len(todo),
+        units_retried=totals.units_retried,
+        scale=scale
+        | {
+            "units_by_node": dict(totals.units_by_node),
+        },
+    )
+    summary.fingerprint = plan.fingerprint
+    lease.check()  # a run that lost the output folder to another must not touch its results
+    reduce_started = time.perf_counter()
+    reduce(plan, layout, totals, summary)
+    timings["reduce_s"] = time.perf_counter() - reduce_started
+    summary.timings_s = {k: round(v, 3) for k, v in timings.items()}
+    summary.wall_time_s = round(time.perf_counter() - started, 3)
+    summary.pairs_per_s = round(totals.scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
+    progress.finish(summary.to_dict(), lease)
+    return summary
+
+
+def _stages(spec: UnitSpec, scale: dict[str, Any], config: RerankJobConfig) -> list:
+    from pipelines.ray_data import TaskStage
+
+    retries = config.scale.unit_retries
+    return [
+        TaskStage(
+            "read",
+            read_units,
+            {"spec": spec},
+            num_cpus=scale["prepare_cpus"],
+            concurrency=scale["prepare_concurrency"],
+            retries=retries,
+        ),
+        model_stage(config.model, config.scale, scale),
+        TaskStage("commit", commit_units, {"spec": spec}, num_cpus=scale["commit_cpus"], retries=retries),
+    ]
+
+
+def _score(
+    spec: UnitSpec,
+    units: list[Unit],
+    scale: dict[str, Any],
+    config: RerankJobConfig,
+    timings: dict[str, float],
+    totals: Totals,
+) -> None:
+    """The scoring phase: the units' stages as one streaming Ray Data pipeline; commit records folded as they
+    come back."""
+    import ray
+    import ray.data
+
+    from pipelines.ray_data import apply, data_context
+
+    chains = chains_of(units)
+    started, started_at = time.monotonic(), time.time()
+    line = _ProgressLine(len(units), sum(u.end - u.start for u in units), spec.layout.layout == PACKED, started)
+    with data_context(
+        wait_for_min_actors_s=config.scale.actor_start_timeout_s,
+        enable_progress_bars=sys.stderr.isatty(),
+        max_errored_blocks=0,
+    ):
+        ds = ray.data.from_items(
+            [{"chain": json.dumps([u.to_list() for u in chain])} for chain in chains],
+            override_num_blocks=len(chains),
+        )
+        # No more actors than chains to hand them (a pool above its work would hold idle model copies).
+        pool = scale | {k: min(scale[k], len(chains)) for k in ("min_actors", "max_actors")}
+        for stage in _stages(spec, pool, config):
+            ds = apply(ds, stage)
+        finished, pairs = 0, 0
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                now = time.monotonic()
+                for text in batch.column("actor").to_pylist():
+                    if text and "first_actor_s" not in timings:
+                        actor = json.loads(text)
+                        timings["first_actor_s"] = max(0.0, min(now - started, actor.pop("ready_at") - started_at))
+                        timings.update(actor)
+                        log.info(
+                            "rerank: first model actor ready after %.1f s (imports %.1f s, model load %.1f s)",
+                            timings["first_actor_s"],
+                            actor["actor_imports_s"],
+                            actor["model_load_s"],
+                        )
+                for text in batch.column("record").to_pylist():
+                    record = json.loads(text)
+                    if totals.add(record, now=True):
+                        finished += 1
+                        pairs += record["pairs_scored"]
+                line.show(now, finished, pairs, last=finished == len(units))
+        except Exception as err:  # noqa: BLE001 - ours re-raised as it is, Ray's named in one line
+            ours = rerank_error(err)
+            if ours is not None:
+                raise ours from None
+            raise JobError(_scoring_failure(err, config, scale, finished, len(units))) from None
+    timings["scoring_s"] = time.monotonic() - started - timings.get("first_actor_s", 0.0)
+
+
+def _scoring_failure(err: BaseException, config, scale: dict[str, Any], finished: int, total: int) -> str:
+    import ray.exceptions
+
+    kept = f"{finished} of {total} units done; rerun with --resume to keep them"
+    if isinstance(err, ray.exceptions.GetTimeoutError) or "Timed out while starting actors" in str(err):
+        lacks = (
+            f"{scale['num_cpus_per_actor']:g} CPU / {scale['num_gpus_per_actor']:g} GPU"
+            f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''}"
+            f"{' on ' + scale['accelerator_type'] + ' nodes' if scale['accelerator_type'] else ''} per model actor"
+        )
+        return (
+            f"no model actor started within {config.scale.actor_start_timeout_s:.0f} s: the cluster lacks {lacks} "
+            f"(it has {scale['cluster_gpus']['now']:g} GPU(s) up, and can have {scale['cluster_gpus']['most']})"
+        )
+    cause = ray_cause(err)
+    if cause is not None:
+        return f"the scoring actor could not start: {cause}"
+    return f"the scoring stages failed ({kept}): {root_cause(err)}"
+
+
+def ray_cause(err: BaseException) -> str | None:
+    """The model's own error when a model actor could not start (its constructor raised)."""
+    text = str(err)
+    if "__init__" in text or ("ActorDiedError" in text and "creation task" in text):
+        return root_cause(err)
+    return None
+
+
+class _ProgressLine:
+    """One log line every EVERY_S seconds while units are scored: units and pairs done of the total, the rate since
+    the first commit and an ETA. Also readable when the output is piped to a file (Ray Data's own progress bars
+    show on a terminal)."""
+
+    EVERY_S = 5.0
+
+    def __init__(self, total_units: int, total_rows: int, packed: bool, started: float):
+        self.total, self.rows, self.packed, self.started = total_units, total_rows, packed, started
+        self.first: tuple[float, int, int] | None = None  # (time, units, pairs) at the first commit
+        self.last_shown = started
+
+    def show(self, now: float, units: int, pairs: int, last: bool = False) -> None:
+        if units and self.first is None:
+            self.first = (now, units, pairs)
+        if not last and now - self.last_shown < self.EVERY_S:
+            return
+        self.last_shown = now
+        if self.first is None or now <= self.first[0]:
+            log.info("rerank: 0 of %d units done, %.0f s", self.total, now - self.started)
+            return
+        t0, u0, p0 = self.first
+        rate = (pairs - p0) / (now - t0)
+        unit_rate = (units - u0) / (now - t0)
+        eta = f", ETA {_duration((self.total - units) / unit_rate)}" if unit_rate > 0 and units < self.total else ""
+        of = "" if self.packed else f" of {self.rows:,}"
+        log.info(
+            "rerank: %d of %d units (%.0f%%), %s%s pairs scored, %s pairs/s%s",
+            units,
+            self.total,
+            100.0 * units / max(self.total, 1),
+            f"{pairs:,}",
+            of,
+            f"{rate:,.0f}",
+            eta,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

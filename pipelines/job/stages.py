@@ -1,0 +1,152 @@
+"""The batch job's own stages around the shared model stage (``pipelines.stages.ModelStage``):
+
+- ``read_units`` (CPU tasks, any node): a chain of units (the slices of one large row group, or one unit) ->
+  per unit one row: its rows read (only the job's columns), bad rows rejected with a reason, duplicate pairs
+  dropped, the rest tokenised (``pipelines.stages.encode_pairs``), with the unit's keys, rejects and counts.
+  A chain is read by one task, slice after slice, so each row is decoded once.
+- the model stage scores the row;
+- ``commit_units`` (CPU tasks): scores -> non-finite scores rejected -> the top-N of every query the unit holds
+  (a query's global top-N is among the union of these) -> the unit's commit: its partial top-N, its rejects and
+  its record, under names fixed by the unit (``pipelines.progress``). A retried or resumed unit rewrites the same
+  files; a unit without a commit record is redone.
+
+No Ray here: ``pipelines.ray_data`` runs these as Ray Data stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import records
+from pipelines.config import ModelConfig, StorageConfig
+from pipelines.job.reduce import parquet_bytes
+from pipelines.job.summary import JobError
+from pipelines.progress import Progress
+from pipelines.reads import Unit, UnitReader
+from pipelines.records import PACKED, InputLayout
+from pipelines.stages import ACTOR, SCORES, WINDOWS, WORKER, encode_pairs, from_ipc, ipc_bytes
+from pipelines.storage import Storage
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """What the job's stages need to read and commit units; small, so Ray passes it inline."""
+
+    model: ModelConfig
+    layout: InputLayout
+    storage: StorageConfig
+    input_protocol_uri: str
+    output_uri: str
+    top_n: int
+    max_text_bytes: int
+    corpus: bool
+    corpus_packed: bool = False  # joined input made from packed candidates (rows marked _no_candidates)
+
+
+def chains_of(units: list[Unit]) -> list[list[Unit]]:
+    """Units grouped in chains (a large row group's slices, in order; any other unit alone), in input order."""
+    chains: dict[str, list[Unit]] = {}
+    for u in units:
+        chains.setdefault(u.chain or u.uid, []).append(u)
+    return list(chains.values())
+
+
+def read_units(batch: pa.Table, *, spec: UnitSpec) -> Iterator[pa.Table]:
+    """The CPU stage: each input row is a chain of units (JSON); yields one row per unit."""
+    reader = UnitReader(Storage.for_uri(spec.input_protocol_uri, spec.storage))
+    try:
+        for chain in batch.column("chain").to_pylist():
+            for unit in (Unit.from_list(u) for u in json.loads(chain)):
+                yield _read_unit(unit, spec, reader)
+    finally:
+        reader.close()
+
+
+def _read_unit(unit: Unit, spec: UnitSpec, reader: UnitReader) -> pa.Table:
+    layout = spec.layout
+    decoded_before = reader.rows_decoded
+    if layout.layout == PACKED:
+        table = reader.read(unit, ["query_id", "query", "candidates"])
+        rows_read = table.num_rows
+        pairs, empty = records.explode_packed(table, layout)
+        rejects = [empty]
+    else:
+        flags = ["_no_candidates"] if spec.corpus_packed else []
+        pairs = reader.read(unit, records.pair_columns(layout, with_text=True) + flags)
+        rows_read = pairs.num_rows
+        rejects = []
+    pairs_in = pairs.num_rows + sum(r.num_rows for r in rejects)
+    valid, bad = records.split_rejects(pairs, layout, spec.max_text_bytes, corpus=spec.corpus)
+    valid, dup = records.split_duplicates(valid, layout)
+    rejects += [bad, dup]
+    keep = ["query_id", "doc_id"] + (["first_stage_rank"] if layout.has_first_stage_rank else [])
+    record = {
+        "uid": unit.uid,
+        "pairs_in": pairs_in,
+        "rows": rows_read,
+        "rows_decoded": reader.rows_decoded - decoded_before,  # > rows: rows decoded again to reach a slice
+    }
+    row: dict[str, Any] = encode_pairs(spec.model, valid.column("query").to_pylist(), valid.column("text").to_pylist())
+    row |= {
+        "uid": unit.uid.encode(),
+        "record": json.dumps(record).encode(),
+        "keys": ipc_bytes(valid.select(keep)),
+        "rejects": ipc_bytes(pa.concat_tables([r.cast(layout.reject_schema) for r in rejects])),
+    }
+    return pa.table({k: pa.array([v], pa.large_binary()) for k, v in row.items()})
+
+
+def commit_units(batch: pa.Table, *, spec: UnitSpec) -> pa.Table:
+    """The commit stage: each scored row -> the unit's files and commit record; returns the records (JSON) and
+    the model actor's start-up timings on its first row (``pipelines.stages.ACTOR``)."""
+    out = Storage.for_uri(spec.output_uri, spec.storage)
+    progress = Progress(out, out.path(spec.output_uri))
+    done, actor = [], []
+    for i in range(batch.num_rows):
+        row = {name: batch.column(name)[i].as_py() for name in batch.column_names}
+        done.append(json.dumps(_commit(row, spec, progress)))
+        actor.append(row.get(ACTOR) or "")
+    return pa.table({"record": pa.array(done, pa.string()), "actor": pa.array(actor, pa.string())})
+
+
+def _commit(row: dict[str, Any], spec: UnitSpec, progress: Progress) -> dict[str, Any]:
+    layout = spec.layout
+    record = json.loads(row["record"])
+    keys, rejected = from_ipc(row["keys"]), from_ipc(row["rejects"])
+    scores = np.frombuffer(row[SCORES], dtype=np.float32)
+    if len(scores) != keys.num_rows:
+        raise JobError(f"unit {record['uid']}: {keys.num_rows} pairs to score but {len(scores)} scores came back")
+    scored = keys.append_column("score", pa.array(scores, pa.float32()))
+    scored, non_finite = records.split_non_finite(scored, layout)
+    rejected = pa.concat_tables([rejected, non_finite.cast(layout.reject_schema)])
+    top = records.top_n_per_query(scored, spec.top_n, with_rank=False)
+    by_reason = {item["values"]: item["counts"] for item in pc.value_counts(rejected.column("reason")).to_pylist()}
+    record |= {
+        "pairs_scored": scored.num_rows,
+        "windows_scored": int(row[WINDOWS]),
+        "rejected": dict(sorted(by_reason.items())),
+        "partial_rows": top.num_rows,
+        "rejected_rows": rejected.num_rows,
+        "node": row[WORKER[0]],  # the model actor that scored it (and its process: which one, when chasing it)
+        "pid": row[WORKER[1]],
+        "committed_by": os.getpid(),
+    }
+    if row[WORKER[2]]:
+        record["retried"] = True
+    if record["pairs_in"] != scored.num_rows + rejected.num_rows:
+        raise JobError(
+            f"unit {record['uid']}: {record['pairs_in']} pairs in but {scored.num_rows} scored + "
+            f"{rejected.num_rows} rejected"
+        )
+    partial = parquet_bytes(top) if top.num_rows else None
+    record["partial_bytes"] = len(partial) if partial is not None else 0
+    progress.commit_unit(record["uid"], partial, parquet_bytes(rejected) if rejected.num_rows else None, record)
+    return record
