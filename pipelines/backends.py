@@ -17,6 +17,7 @@ a cross-encoder's logits [n, num_labels], or a bi-encoder's mean-pooled, L2-norm
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -26,13 +27,16 @@ import warnings
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipelines.config import ModelConfig
+from pipelines.encoding import label_token_ids, model_fingerprint, uses_token_type_ids
 from pipelines.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: jobs/gpu_check.py runs the torch backend without pydantic
+    from pipelines.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +178,12 @@ def _runnable(config: ModelConfig, backend: str, dtype: str, device: torch.devic
 def _best_dtype(config: ModelConfig, backend: str, device: torch.device) -> tuple[str, str]:
     """model.dtype auto with a fixed backend: the fastest quality-keeping dtype of that backend here."""
     if device.type == "cuda":
-        if config.kind == "causal-lm" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bfloat16", "GPU: bfloat16 weights (LLM rerankers are trained in bfloat16; float16 can overflow)"
-        return "float16", "GPU: float16 weights (tensor cores; more mantissa than bfloat16)"
+        if cuda_bf16():
+            return "bfloat16", (
+                "GPU with bfloat16: bfloat16 weights (tensor cores at the float16 rate, float32's range: no overflow "
+                "in long sums or LLM activations)"
+            )
+        return "float16", "GPU without bfloat16 (or not visible here): float16 weights (tensor cores)"
     order = [d for b, d in AUTO_CPU_ORDER[cpu_family()] if b == backend]
     if backend == "torch" and config.kind == "causal-lm" and native_bf16():
         order = ["bfloat16"]
@@ -186,12 +193,18 @@ def _best_dtype(config: ModelConfig, backend: str, device: torch.device) -> tupl
     return "float32", "float32"
 
 
+def cuda_bf16() -> bool:
+    """This process sees a CUDA GPU and it computes bfloat16 natively (Ampere and later)."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
 def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig, dict[str, Any] | None]:
     """`config` with model.backend / model.dtype auto replaced by what runs on `device`, and a record of the
     choice (None when neither was auto): requested, backend, dtype, reason, device, cpu, cpu_family, cpu_flags.
 
     Rules (no timing: the same machine always gets the same answer, so a job's driver and its actors agree):
-    - CUDA: torch, float16 (bfloat16 for causal-lm where the GPU has it);
+    - CUDA: torch, bfloat16 where the GPU has it (torch.cuda.is_bf16_supported), else float16; float32 only when
+      model.dtype asks for it (a driver that sees no GPU answers float16, which every GPU runs);
     - CPU, causal-lm: torch, bfloat16 autocast with native bfloat16, else float32;
     - CPU, cross-encoder / bi-encoder: the first of AUTO_CPU_ORDER[cpu_family()] whose packages are installed,
       else torch (bfloat16 autocast with native bfloat16, else float32);
@@ -395,18 +408,96 @@ def _slow_bf16(combo: str) -> str:
     )
 
 
-def default_max_batch_tokens(device: torch.device) -> int:
-    """Padded tokens per forward pass when model.max_batch_tokens is auto."""
-    # CPU: 2048 padded tokens scored 20% faster than 4096 and 8192 with MiniLM on a 2-core EPYC (activations
-    # stay in cache); GPU: TEI's default of 16384.
-    return 16384 if device.type == "cuda" else 2048
+#: model.max_batch_tokens auto on CPU: 2048 padded tokens scored 20% faster than 4096 and 8192 with MiniLM on a
+#: 2-core EPYC (activations stay in cache).
+CPU_BATCH_TOKENS = 2048
+#: On a GPU whose free memory this process cannot read (a driver planning for GPU workers): TEI's default.
+GPU_BATCH_TOKENS_FALLBACK = 16384
+#: gpu_batch_tokens: activation bytes per token per layer, in units of hidden x dtype bytes.
+ACTIVATION_K = 16
+#: gpu_batch_tokens: the share of (free - weights) the activations may take.
+GPU_MEMORY_FRACTION = 0.5
+#: gpu_batch_tokens: the range the budget is clamped to, and the multiple it is rounded down to.
+GPU_BATCH_TOKENS_RANGE = (4096, 131072)
+GPU_BATCH_TOKENS_MULTIPLE = 1024
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+def gpu_batch_tokens(
+    free_bytes: float,
+    weight_bytes: float,
+    layers: int,
+    hidden: int,
+    dtype_bytes: int,
+    *,
+    k: int = ACTIVATION_K,
+    fraction: float = GPU_MEMORY_FRACTION,
+    lo: int = GPU_BATCH_TOKENS_RANGE[0],
+    hi: int = GPU_BATCH_TOKENS_RANGE[1],
+    multiple: int = GPU_BATCH_TOKENS_MULTIPLE,
+) -> int:
+    """model.max_batch_tokens auto on a GPU: padded tokens per forward pass from the GPU's free memory.
+
+        bytes_per_token = layers x hidden x k x dtype_bytes
+        budget          = fraction x (free_bytes - weight_bytes) / bytes_per_token
+        result          = budget clamped to [lo, hi], rounded down to a multiple of `multiple`
+
+    k = 16 counts what one layer holds per token in inference (the hidden state and residual, q/k/v, the
+    attention output, the 4 x hidden feed-forward activation before and after its nonlinearity: about 15 x
+    hidden). Inference keeps only a layer or two alive at once, so multiplying by all layers over-estimates by
+    about layers / 2: that margin covers the caching allocator's fragmentation, attention scores where SDPA falls
+    back to its math kernel (heads x length per token), and a second model copy or another process sharing the
+    GPU. With fraction 0.5 a budget is at most a quarter of what would actually fit. Clamped because a few
+    thousand tokens already fill a GPU's tensor cores for BERT-size models and larger batches only add latency
+    (jobs/gpu_check.py measures the curve).
+
+    E.g. BERT-base (12 x 768) in bfloat16: 295 KB per token; on a free 80 GB GPU 0.5 x 79.8 GB / 295 KB = 135k
+    -> 131072 (hi); on a 16 GB one with 15 GB free, 25k -> 24576. A 0.6B LLM (28 x 1024, 1.2 GB) on 24 GB (22 GB
+    free): 12k -> 11264."""
+    per_token = max(1, int(layers) * int(hidden) * int(k) * int(dtype_bytes))
+    room = max(0.0, float(free_bytes) - float(weight_bytes)) * fraction
+    budget = min(hi, max(lo, int(room // per_token)))
+    return max(multiple, budget // multiple * multiple)
+
+
+def estimate_parameters(hf_config) -> int:
+    """Parameters of a transformer from its config alone (no weights): embeddings (vocab and positions) plus, per
+    layer, attention (4 h^2) and feed-forward (2 h x intermediate; 8 h^2 when unknown). Biases and norms ignored."""
+    h = int(getattr(hf_config, "hidden_size", 0) or 0)
+    layers = int(getattr(hf_config, "num_hidden_layers", 0) or 0)
+    inter = int(getattr(hf_config, "intermediate_size", 0) or 4 * h)
+    vocab = int(getattr(hf_config, "vocab_size", 0) or 0)
+    positions = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    return (vocab + positions) * h + layers * (4 * h * h + 2 * h * inter)
+
+
+def default_max_batch_tokens(device: torch.device | None, hf_config=None, dtype: str = "float32") -> int:
+    """Padded tokens per forward pass when model.max_batch_tokens is auto: CPU_BATCH_TOKENS on CPU; on a GPU,
+    gpu_batch_tokens from its free memory now (torch.cuda.mem_get_info) and the model's size and shape in
+    `hf_config` at `dtype` (call it before the weights load); GPU_BATCH_TOKENS_FALLBACK where either is unknown."""
+    if device is None or device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    hidden = getattr(hf_config, "hidden_size", None)
+    if not (layers and hidden and torch.cuda.is_available()):
+        return GPU_BATCH_TOKENS_FALLBACK
+    nbytes = _DTYPE_BYTES.get(dtype, 2 if dtype == "auto" else 4)
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+    except (RuntimeError, AssertionError):  # the index is not visible here
+        return GPU_BATCH_TOKENS_FALLBACK
+    return gpu_batch_tokens(free, estimate_parameters(hf_config) * nbytes, layers, hidden, nbytes)
 
 
 # ---------------------------------------------------------------------------------------------- the backends
 
 
 class Backend:
-    """forward(input_ids, attention_mask, token_type_ids) -> float32 features [n, d] (see the module doc)."""
+    """forward(input_ids, attention_mask, token_type_ids) -> float32 features [n, d] (see the module doc).
+
+    The Scorer runs a call's micro-batches through `forward_device`, whose results may stay where the backend
+    computes them (a torch tensor on the GPU), and gathers them with one `to_host` per call: on a GPU one
+    device-to-host copy and one synchronisation per call, not one per micro-batch."""
 
     name = "base"
     hf_config: Any
@@ -418,6 +509,42 @@ class Backend:
         self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None
     ) -> np.ndarray:
         raise NotImplementedError
+
+    def forward_device(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None):
+        """One micro-batch; the result may stay on the device (default: forward, a host array)."""
+        return self.forward(input_ids, attention_mask, token_type_ids)
+
+    def to_host(self, parts: list) -> np.ndarray:
+        """forward_device results, in order -> one float32 host array [sum of rows, d]."""
+        if not parts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+
+
+class _TorchDevice:
+    """Host arrays in and device tensors out, the torch way: on CUDA each input is copied into pinned (page-locked)
+    host memory and sent with non_blocking=True, so the copy overlaps the previous micro-batch's kernels (torch's
+    caching host allocator keeps a pinned block until its copy has finished); outputs stay on the device until
+    to_host makes one copy of all of them."""
+
+    device: torch.device
+
+    def _input(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def to_host(self, parts: list) -> np.ndarray:
+        if not parts:
+            return np.zeros((0, 0), dtype=np.float32)
+        if isinstance(parts[0], torch.Tensor):
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return out.float().cpu().numpy()
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.to_host([self.forward_device(input_ids, attention_mask, token_type_ids)])
 
 
 #: Encoders whose sequence-classification head reads the first token only, and whose layers are BERT's
@@ -559,15 +686,9 @@ def load_hf_model(config: ModelConfig, attn: str | None, dtype: torch.dtype = to
     return cls.from_pretrained(config.name_or_path, **kwargs).eval()
 
 
-def _uses_token_type_ids(tokenizer, hf_config) -> bool:
-    return (
-        "token_type_ids" in getattr(tokenizer, "model_input_names", []) and getattr(hf_config, "type_vocab_size", 0) > 0
-    )
-
-
-class TorchBackend(Backend):
+class TorchBackend(_TorchDevice, Backend):
     """torch with SDPA attention. CPU: float32, or bfloat16 through autocast (weights stay float32: casting them
-    scrambled close scores). GPU: float16/bfloat16 weights."""
+    scrambled close scores). GPU: float16/bfloat16 weights (float32 when asked)."""
 
     name = "torch"
 
@@ -579,19 +700,54 @@ class TorchBackend(Backend):
         #: The last layer runs for the first token only (cross-encoders of the BERT family; see _HeadOnlyLastLayer).
         self.head_only = head_only_last_layer(self.model)
         self.hf_config = self.model.model.config
-        self.uses_token_type_ids = _uses_token_type_ids(tokenizer, self.hf_config)
+        self.uses_token_type_ids = uses_token_type_ids(tokenizer, self.hf_config)
         self.autocast = device.type == "cpu" and config.dtype == "bfloat16"
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        dev = self.device
-        nb = dev.type == "cuda"
-        ids = torch.from_numpy(input_ids).to(dev, non_blocking=nb)
-        mask = torch.from_numpy(attention_mask).to(dev, non_blocking=nb)
+    def forward_device(self, input_ids, attention_mask, token_type_ids):
+        ids, mask = self._input(input_ids), self._input(attention_mask)
         tt = None
         if token_type_ids is not None and self.uses_token_type_ids:
-            tt = torch.from_numpy(token_type_ids).to(dev, non_blocking=nb)
+            tt = self._input(token_type_ids)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(ids, mask, tt).float().cpu().numpy()
+            return self.model(ids, mask, tt).float()
+
+
+class CausalLMBackend(_TorchDevice, Backend):
+    """An LLM reranker on torch: logit(yes) - logit(no) (or logit(yes) alone) at each row's last position, one
+    column. Rows come
+    left-padded, so the last position is the last real token and only its logits are computed (logits_to_keep);
+    position ids count real tokens only, as in the unpadded prompt."""
+
+    name = "torch"
+    uses_token_type_ids = False
+
+    def __init__(self, config: ModelConfig, device: torch.device, label_ids: list[int]):
+        from transformers import AutoModelForCausalLM
+
+        gpu_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
+        weights = gpu_dtype if (device.type == "cuda" and gpu_dtype is not None) else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.name_or_path, dtype=weights, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+        self.model.to(device).eval()
+        self.device, self.label_ids, self.hf_config = device, label_ids, self.model.config
+        self.autocast = device.type == "cpu" and config.dtype == "bfloat16"
+        params = inspect.signature(self.model.forward).parameters
+        self.keep_last = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self.positions = "position_ids" in params
+
+    def forward_device(self, input_ids, attention_mask, token_type_ids):
+        ids = self._input(input_ids).long()
+        mask = self._input(attention_mask).long()
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self.positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            labels = self.model(**kwargs).logits[:, -1, self.label_ids].float()
+            # One column: logit(yes) - logit(no), or logit(yes) alone without a no_token.
+            return labels[:, :1] - labels[:, 1:2] if labels.shape[1] == 2 else labels
 
 
 # ---------------------------------------------------------------------------------------------- export cache
@@ -944,7 +1100,7 @@ class OnnxBackend(Backend):
         import onnxruntime as ort
 
         self.hf_config = _hf_config(config)
-        self.uses_token_type_ids = _uses_token_type_ids(tokenizer, self.hf_config)
+        self.uses_token_type_ids = uses_token_type_ids(tokenizer, self.hf_config)
         tt = self.uses_token_type_ids
         if config.dtype == "int8":
             path = quantize_onnx_int8(config, fingerprint, tt)
@@ -976,7 +1132,7 @@ class OpenVinoBackend(Backend):
         import openvino as ov
 
         self.hf_config = _hf_config(config)
-        self.uses_token_type_ids = _uses_token_type_ids(tokenizer, self.hf_config)
+        self.uses_token_type_ids = uses_token_type_ids(tokenizer, self.hf_config)
         path = export_openvino(config, fingerprint, self.uses_token_type_ids, config.dtype, tokenizer, max_length)
         self.head_only = export_is_head_only(export_onnx(config, fingerprint, self.uses_token_type_ids))
         precision = {"bfloat16": "bf16", "float16": "f16"}.get(config.dtype, "f32")
@@ -1009,10 +1165,10 @@ def load_backend(config: ModelConfig, device: torch.device, tokenizer, max_lengt
         log_choice(choice)
     for w in check_backend(config, device):
         log.warning(w)
+    if config.kind == "causal-lm":
+        return CausalLMBackend(config, device, label_token_ids(tokenizer, config))
     if config.backend == "torch":
         return TorchBackend(config, device, tokenizer)
-    from pipelines.scoring import model_fingerprint
-
     fingerprint = model_fingerprint(config.name_or_path, config.revision)
     if config.backend == "onnx":
         return OnnxBackend(config, fingerprint, tokenizer)

@@ -1,44 +1,54 @@
 """The model: one Scorer for the batch job, the service and the evaluation, so their scores agree.
 
-No Ray here. A Scorer loads a model once (through a backend of pipelines.backends: torch, ONNX Runtime or
-OpenVINO; causal-lm rerankers through torch here) and turns (query, passage) pairs into float32 scores.
-Three steps, kept apart:
+No Ray here. A Scorer is two pieces:
 
-1. encode (``_encode``): each pair becomes one or more units of input_ids (a pair truncated, or, with
-   ``long_text: chunks``, one unit per window of a long passage) plus a unit -> pair index;
-2. forward (``_run``): the units are cut into blocks; each block is sorted by token length and cut into
-   micro-batches filled up to a token budget (padded tokens counted), handed to the model as int32 arrays, one
-   block ahead of the model on a background thread, then put back in unit order;
-3. reduce (``_reduce``): the units of a pair become one row of logits (max / first / mean of its windows), and
-   ``from_logits`` turns a row into a score.
+1. encode (pipelines.encoding.PairEncoder, ``scorer.encoder``): tokenizer and AutoConfig only, no weights. Each
+   pair becomes one or more units of token ids (a pair truncated, or, with ``long_text: chunks``, one unit per
+   window of a long passage), stored unpadded and sorted by length in an `Encoded`. A CPU stage (Ray Data tasks)
+   can run it on its own; the truncation rules are documented there.
+2. the model side (``score_encoded``): a backend of pipelines.backends (torch, ONNX Runtime or OpenVINO; causal-lm
+   rerankers on torch) loaded once. The length-sorted units are cut into micro-batches as contiguous slices,
+   filled up to a token budget (rows x the longest <= max_batch_tokens, rows <= batch_size), padded with a few
+   vectorised numpy operations into int32 ids / mask (/ token types) and run; a call's outputs are gathered with
+   one device-to-host copy. The units of a pair are then reduced to one row of logits (max / first / mean of its
+   windows) and ``from_logits`` turns a row into a score.
 
-Truncation of a pair (cross-encoders and causal-lm prompts): nothing is cut when the whole pair fits in
-max_length. When it does not, the passage is cut first; the query is cut only as far as needed to leave the
-passage ``budget - max_query_length`` tokens (budget = max_length less the special or template tokens), or all
-of the passage when it is shorter. So the query keeps max(max_query_length, budget - passage) tokens.
+``score(queries, passages)`` runs both in one process: pairs are encoded block by block on a background thread
+(HF fast tokenizers release the GIL), one block ahead of the model, so tokenisation overlaps the forward passes;
+``score_encoded(PairEncoder(config).encode(queries, passages))`` gives the same scores.
+
+The bi-encoder path (``embed``, and ``score`` as the cosine of embeddings) stays here: its texts are encoded one
+by one (encoding.TextEncoder), each distinct passage once, and run by the same model side.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import logging
 import os
-import string
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipelines import backends
-from pipelines.config import ModelConfig
+from pipelines.encoding import (  # noqa: F401 - label_token_ids, load_tokenizer_and_labels: re-exported
+    Encoded,
+    PairEncoder,
+    label_token_ids,
+    load_tokenizer_and_config,
+    load_tokenizer_and_labels,
+    model_fingerprint,
+)
 from pipelines.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: jobs/gpu_check.py runs the Scorer without pydantic
+    from pipelines.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,81 +83,18 @@ class ModelInfo:
     backend_choice: dict | None = None
 
 
-def model_fingerprint(name_or_path: str, revision: str | None) -> str:
-    """A pinned revision, or the hub commit of the cached snapshot, or a hash of a local folder's files."""
-    if revision:
-        return revision
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p.rglob("*")):
-            if f.is_file():
-                h.update(str(f.relative_to(p)).encode())
-                h.update(hashlib.sha256(f.read_bytes()).digest())
-        return "sha256:" + h.hexdigest()[:16]
-    # A hub id: the commit the local cache resolved "main" to, which is what from_pretrained loads.
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        ref = Path(HF_HUB_CACHE) / ("models--" + name_or_path.replace("/", "--")) / "refs" / "main"
-        if ref.is_file():
-            return ref.read_text().strip()
-    except ImportError:
-        pass
-    return "main (unresolved)"
-
-
-def load_tokenizer_and_labels(config: ModelConfig):
-    """Load the tokenizer and check the model config without loading weights: cheap enough for a driver to
-    validate a job's model before any cluster time is spent. Returns (tokenizer, num_labels or None)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
-        hf_config = AutoConfig.from_pretrained(config.name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"cannot load model {config.name_or_path!r}: {str(err).strip().splitlines()[0]} "
-            "(check model.name_or_path, access to the Hugging Face hub, or HF_HUB_OFFLINE and the local cache)"
-        ) from None
-    if config.kind == "bi-encoder":
-        return tokenizer, None
-    if config.kind == "causal-lm":
-        label_token_ids(tokenizer, config)
-        return tokenizer, 1
-    num_labels = getattr(hf_config, "num_labels", 1)
-    if num_labels not in (1, 2):
-        raise ConfigError(
-            f"model {config.name_or_path!r} has num_labels={num_labels}; a cross-encoder needs 1 (a relevance "
-            "logit) or 2 (not relevant / relevant). For an embedding model set model.kind: bi-encoder"
-        )
-    return tokenizer, num_labels
-
-
-def label_token_ids(tokenizer, config: ModelConfig) -> list[int]:
-    """The vocabulary ids of model.yes_token (and model.no_token when set), looked up as exact vocabulary
-    entries with convert_tokens_to_ids, as the published recipes do."""
-    ids = []
-    for key in ("yes_token", "no_token"):
-        token = getattr(config, key)
-        if token is None:
-            continue
-        tid = tokenizer.convert_tokens_to_ids(token)
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if tid is None or (tid == unk and token != getattr(tokenizer, "unk_token", None)):
-            raise ConfigError(
-                f"model.{key} {token!r} is not a token of {config.name_or_path!r}'s vocabulary; give the exact "
-                f"vocabulary entry (e.g. {tokenizer.convert_ids_to_tokens(tokenizer(token, add_special_tokens=False)['input_ids'])})"
-            )
-        ids.append(int(tid))
-    return ids
-
-
-def max_batch_tokens(config: ModelConfig, device: torch.device) -> int:
-    if config.max_batch_tokens == "auto":
-        return backends.default_max_batch_tokens(device)
-    return int(config.max_batch_tokens)
+def max_batch_tokens(config: ModelConfig, device: torch.device | None, hf_config=None) -> int | str:
+    """model.max_batch_tokens as a number: the integer given, or auto: backends.default_max_batch_tokens (CPU: 2048;
+    a GPU: from its free memory now and the model's size, so call it before the weights load). A GPU this process
+    cannot see (a driver planning for GPU workers) is left to each worker: "auto"."""
+    if config.max_batch_tokens != "auto":
+        return int(config.max_batch_tokens)
+    if device is not None and device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "auto"
+        if hf_config is None:
+            hf_config = load_tokenizer_and_config(config)[1]
+    return backends.default_max_batch_tokens(device, hf_config, config.dtype)
 
 
 def describe_model(config: ModelConfig, on_cluster: bool | None = None) -> dict:
@@ -157,7 +104,7 @@ def describe_model(config: ModelConfig, on_cluster: bool | None = None) -> dict:
     actors' device (the batch job checks it once their GPUs are known)."""
     device = backends.planned_device(config, on_cluster)
     backends.check_model_on(config, device)
-    _, num_labels = load_tokenizer_and_labels(config)
+    _, hf_config, num_labels = load_tokenizer_and_config(config)
     choice = None
     if "auto" in (config.backend, config.dtype):
         if device is None:  # each actor resolves it on its own device and CPU
@@ -175,136 +122,42 @@ def describe_model(config: ModelConfig, on_cluster: bool | None = None) -> dict:
         "dtype": config.dtype,
         "max_length": config.max_length,
         "device": str(device) if device else "auto (the actors')",
-        "max_batch_tokens": max_batch_tokens(config, device) if device else config.max_batch_tokens,
+        "max_batch_tokens": max_batch_tokens(config, device, hf_config) if device else config.max_batch_tokens,
     }
     if choice is not None:
         out["backend_choice"] = choice
     return out
 
 
-@dataclass
-class Encoded:
-    """The model inputs of one call: one unit per (pair, window), in pair order; ``unit_pair[u]`` is the pair of
-    unit u. Without windows there is one unit per pair."""
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    unit_pair: np.ndarray
-    n_pairs: int
-
-
-class _PairTemplate:
-    """prefix + query + middle + passage + suffix: the special tokens a tokenizer adds around a pair (BERT's
-    [CLS] q [SEP] p [SEP], RoBERTa's <s> q </s></s> p </s>, none for most decoders), learned from the tokenizer
-    itself and checked on a second pair, so a pair built from separately tokenized (and cut) parts equals what
-    ``tokenizer(query, passage)`` gives."""
-
-    def __init__(self, tokenizer, name: str):
-        self.parts = self._learn(tokenizer, "flow field", "the boundary layer of a wing")
-        probe = ("what is heat transfer at mach 3", "shock")
-        q, p = (tokenizer(x, add_special_tokens=False)["input_ids"] for x in probe)
-        ids, types = self.build(q, p)
-        enc = tokenizer(*probe)
-        if ids != enc["input_ids"] or (types is not None and types != enc.get("token_type_ids")):
-            raise ConfigError(
-                f"cannot reproduce how {name!r}'s tokenizer joins a (query, passage) pair; "
-                "report the model, or set model.kind to causal-lm with a prompt_template"
-            )
-        self.n_special = len(self.parts[0][0]) + len(self.parts[0][2]) + len(self.parts[0][4])
-
-    @staticmethod
-    def _learn(tokenizer, query: str, passage: str):
-        q = tokenizer(query, add_special_tokens=False)["input_ids"]
-        p = tokenizer(passage, add_special_tokens=False)["input_ids"]
-        enc = tokenizer(query, passage)
-        full, types = enc["input_ids"], enc.get("token_type_ids")
-        i = next((k for k in range(len(full)) if full[k : k + len(q)] == q), None)
-        j = None if i is None else next((k for k in range(i + len(q), len(full)) if full[k : k + len(p)] == p), None)
-        if i is None or j is None:
-            raise ConfigError("the model's tokenizer does not keep a pair's query and passage tokens as they are")
-        segs = [(0, i), (i, i + len(q)), (i + len(q), j), (j, j + len(p)), (j + len(p), len(full))]
-        ids = [full[a:b] for a, b in segs]
-        type_parts = None if types is None else [types[a:b] for a, b in segs]
-        if type_parts is not None:  # the query's and the passage's type: one value each
-            type_parts[1] = types[i] if len(q) else 0
-            type_parts[3] = types[j] if len(p) else 1
-        return ids, type_parts
-
-    def build(self, q: list[int], p: list[int]) -> tuple[list[int], list[int] | None]:
-        ids, types = self.parts
-        out = ids[0] + q + ids[2] + p + ids[4]
-        if types is None:
-            return out, None
-        return out, types[0] + [types[1]] * len(q) + types[2] + [types[3]] * len(p) + types[4]
+def cut_micro_batches(lengths: np.ndarray, budget: int, cap: int) -> list[tuple[int, int]]:
+    """[start, end) slices of units sorted longest first: each is filled while (rows x its first, longest length)
+    stays within `budget` padded tokens and rows within `cap`. A unit longer than the budget runs alone."""
+    out, start, n = [], 0, len(lengths)
+    while start < n:
+        rows = max(1, min(cap, budget // max(1, int(lengths[start]))))
+        out.append((start, min(n, start + rows)))
+        start += rows
+    return out
 
 
-class _Prompt:
-    """model.prompt_template split around its {query} and {text} fields: fixed text (the instruction
-    included, never cut) and the two variable parts, in template order."""
-
-    def __init__(self, config: ModelConfig, tokenizer):
-        fields = {"instruction": config.instruction or ""}
-        pieces: list[str] = [""]
-        self.order: list[str] = []
-        for literal, field, spec, conv in string.Formatter().parse(config.prompt_template or ""):
-            pieces[-1] += literal
-            if field is None:
-                continue
-            if field in ("query", "text"):
-                self.order.append(field)
-                pieces.append("")
-            else:  # {instruction}: fixed text, never cut
-                pieces[-1] += fields[field]
-        self.fixed = pieces  # three strings: before, between, after the variable parts
-        self.fixed_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] if x else [] for x in pieces]
-        self.n_fixed = sum(len(x) for x in self.fixed_ids)
-
-    def format(self, query: str, text: str) -> str:
-        values = {"query": query, "text": text}
-        a, b = (values[f] for f in self.order)
-        return self.fixed[0] + a + self.fixed[1] + b + self.fixed[2]
-
-    def build(self, q: list[int], p: list[int]) -> list[int]:
-        values = {"query": q, "text": p}
-        a, b = (values[f] for f in self.order)
-        f = self.fixed_ids
-        return f[0] + a + f[1] + b + f[2]
-
-
-class _CausalLM(backends.Backend):
-    """An LLM reranker on torch: the logits of the yes (and no) tokens at each row's last position. Rows come
-    left-padded, so the last position is the last real token and only its logits are computed (logits_to_keep);
-    position ids count real tokens only, as in the unpadded prompt."""
-
-    name = "torch"
-    uses_token_type_ids = False
-
-    def __init__(self, config: ModelConfig, device: torch.device, label_ids: list[int]):
-        from transformers import AutoModelForCausalLM
-
-        gpu_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
-        weights = gpu_dtype if (device.type == "cuda" and gpu_dtype is not None) else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            config.name_or_path, dtype=weights, revision=config.revision, trust_remote_code=config.trust_remote_code
-        )
-        self.model.to(device).eval()
-        self.device, self.label_ids, self.hf_config = device, label_ids, self.model.config
-        self.autocast = device.type == "cpu" and config.dtype == "bfloat16"
-        params = inspect.signature(self.model.forward).parameters
-        self.keep_last = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-        self.positions = "position_ids" in params
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        ids = torch.from_numpy(input_ids).long().to(self.device)
-        mask = torch.from_numpy(attention_mask).long().to(self.device)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        if self.positions:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        if self.keep_last:
-            kwargs["logits_to_keep"] = 1
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            last = self.model(**kwargs).logits[:, -1, :]
-            return last[:, self.label_ids].float().cpu().numpy()
+def pad_units(
+    enc: Encoded, start: int, end: int, pad_id: int, left: bool, with_types: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Units [start, end) of `enc` (longest first) as padded int32 (ids, mask, types or None), width the first
+    unit's length; left-padded with `left`. No per-row loop: the mask is a broadcast comparison and the tokens go
+    in with one boolean-mask assignment (row-major, which is the concatenated order)."""
+    lens = enc.offsets[start + 1 : end + 1] - enc.offsets[start:end]
+    width = int(lens.max()) if len(lens) else 0
+    cols = np.arange(width)
+    real = cols >= (width - lens)[:, None] if left else cols < lens[:, None]
+    a, b = int(enc.offsets[start]), int(enc.offsets[end])
+    ids = np.full((len(lens), width), pad_id, dtype=np.int32)
+    ids[real] = enc.ids[a:b]
+    types = None
+    if with_types and enc.types is not None:
+        types = np.zeros((len(lens), width), dtype=np.int32)
+        types[real] = enc.types[a:b]
+    return ids, real.astype(np.int32), types
 
 
 class Scorer:
@@ -323,67 +176,30 @@ class Scorer:
         self.config = config
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.tokenizer, num_labels = load_tokenizer_and_labels(config)
-        self.num_labels: int | None = num_labels if config.kind != "bi-encoder" else None
-        limit = min(config.max_length, _max_positions(self.tokenizer, None))
-        if config.kind == "causal-lm":
-            self._label_ids = label_token_ids(self.tokenizer, config)
-            self.backend: backends.Backend = _CausalLM(config, self.device, self._label_ids)
-            # Left: every row's last real token is the last position, the only one whose logits are computed.
-            self.tokenizer.padding_side = "left"
-        else:
-            if config.kind == "cross-encoder":
-                self._set_pad_token()
-            self.backend = backends.load_backend(config, self.device, self.tokenizer, limit)
-            if config.kind == "cross-encoder":
-                self._sync_pad_token(self.backend.hf_config)
-                # Right: every real token keeps its unpadded position (decoder classifiers included).
-                self.tokenizer.padding_side = "right"
-        self.max_length = min(config.max_length, _max_positions(self.tokenizer, self.backend.hf_config))
-        # Texts are tokenized whole and cut by the rules below: no "longer than the maximum" warnings.
-        self.tokenizer.model_max_length = 1 << 30
-        self.max_batch_tokens = max_batch_tokens(config, self.device)
+        #: The tokenizer side, the same object a CPU stage builds with PairEncoder(config).
+        self.encoder: PairEncoder = PairEncoder(config)
+        self.tokenizer = self.encoder.tokenizer
+        self.num_labels: int | None = self.encoder.num_labels
+        self.max_length: int = self.encoder.max_length
+        # On a GPU the budget comes from its free memory: read before the weights take their share.
+        self.max_batch_tokens = max_batch_tokens(config, self.device, self.encoder.hf_config)
+        self.backend: backends.Backend = backends.load_backend(config, self.device, self.tokenizer, self.max_length)
+        self.encoder.adapt_model_config(self.backend.hf_config)
         #: units (windows; one per pair unless long_text is chunks) the last score()/logits() call scored
         self.last_windows = 0
         self._passage_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._tokenize_pool: ThreadPoolExecutor | None = None
         self._forward_lock = threading.Lock()
         self.stats = {"forward_passes": 0, "rows": 0, "tokens": 0, "padded_tokens": 0, "oom_splits": 0}
-        if config.kind == "bi-encoder":
-            self.max_query_length = config.max_query_length or self.max_length // 2
-            return
-        if config.kind == "cross-encoder":
-            self._template = _PairTemplate(self.tokenizer, config.name_or_path)
-            fixed = self._template.n_special
-        else:
-            self._prompt = _Prompt(config, self.tokenizer)
-            fixed = self._prompt.n_fixed
-        #: tokens a query and a passage share in one pair, less the special or template tokens
-        self.budget = self.max_length - fixed
-        self.max_query_length = config.max_query_length or self.budget // 2
-        if self.budget - self.max_query_length < 1:
-            what = "special tokens" if config.kind == "cross-encoder" else "prompt_template tokens"
-            raise ConfigError(
-                f"model.max_length {self.max_length} less {fixed} {what} leaves {self.budget} tokens for a query "
-                f"and a passage, no more than model.max_query_length {self.max_query_length}: raise max_length or "
-                "lower max_query_length"
-            )
 
-    def _set_pad_token(self) -> None:
-        """Decoder models loaded for sequence classification often save no pad token: the eos token becomes it."""
-        tok = self.tokenizer
-        if tok.pad_token_id is None:
-            if tok.eos_token is None:
-                raise ConfigError(
-                    f"the tokenizer of {self.config.name_or_path!r} has neither a pad nor an eos token; "
-                    "save one with tokenizer.pad_token = ..."
-                )
-            tok.pad_token = tok.eos_token
+    @property
+    def max_query_length(self) -> int:
+        return self.encoder.max_query_length
 
-    def _sync_pad_token(self, hf_config) -> None:
-        """The model finds each row's last real token through config.pad_token_id: it must be the tokenizer's."""
-        if hf_config is not None and getattr(hf_config, "pad_token_id", None) != self.tokenizer.pad_token_id:
-            hf_config.pad_token_id = self.tokenizer.pad_token_id
+    @property
+    def budget(self) -> int:
+        """Tokens a query and a passage share in one pair (max_length less the special or template tokens)."""
+        return self.encoder.budget
 
     @functools.cached_property
     def info(self) -> ModelInfo:
@@ -405,8 +221,8 @@ class Scorer:
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
         """Scores aligned lists of queries and passages, model.activation applied; float32 of the same length."""
-        if self.config.kind == "bi-encoder":
-            q, p = self._formatted(queries, passages)
+        if not self.encoder.encodes_pairs:
+            q, p = self.encoder.format(queries, passages)
             self.last_windows = len(q)
             return self._score_bi(q, p) if q else np.zeros(0, dtype=np.float32)
         return self.from_logits(self.logits(queries, passages))
@@ -414,15 +230,30 @@ class Scorer:
     def logits(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
         """A pair model's logits, float32 [n, num_labels] (causal-lm: [n, 1], logit(yes) - logit(no)), windows
         already reduced to one row per pair; `from_logits` turns them into scores."""
-        if self.config.kind == "bi-encoder":
-            raise ConfigError("logits() needs model.kind: cross-encoder or causal-lm")
-        q, p = self._formatted(queries, passages)
-        if not q:
-            self.last_windows = 0
-            return np.zeros((0, self.num_labels or 1), dtype=np.float32)
-        enc = self._encode(q, p)
-        self.last_windows = len(enc.input_ids)
-        return self._reduce(self._forward(enc), enc)
+        self._needs_pairs("logits()")
+        q, p = self.encoder.format(queries, passages)
+        out = np.empty((len(q), self._width), dtype=np.float32)
+        windows = 0
+
+        def run(start: int, end: int, enc: Encoded) -> None:
+            nonlocal windows
+            out[start:end] = self._logits_encoded(enc)
+            windows += enc.n_units
+
+        self._pipelined(len(q), lambda s, e: self.encoder.encode_formatted(q[s:e], p[s:e]), run)
+        self.last_windows = windows
+        return out
+
+    def score_encoded(self, enc: Encoded) -> np.ndarray:
+        """The model stage: float32 score per pair of `enc` (from PairEncoder.encode, here or in another process),
+        model.activation applied, windows reduced; sets last_windows."""
+        return self.from_logits(self.logits_encoded(enc))
+
+    def logits_encoded(self, enc: Encoded) -> np.ndarray:
+        """`logits` of pairs already encoded: float32 [n_pairs, num_labels] (causal-lm: [n_pairs, 1])."""
+        self._needs_pairs("score_encoded()")
+        self.last_windows = enc.n_units
+        return self._logits_encoded(enc)
 
     def from_logits(self, logits: np.ndarray, activation: str | None = None) -> np.ndarray:
         """Scores from logits: the logit (of the positive class for 2 labels), or with activation "sigmoid" a
@@ -434,13 +265,6 @@ class Scorer:
             score = logits[:, 0]
             return _sigmoid(score) if activation == "sigmoid" else score
         return _sigmoid(logits[:, 1] - logits[:, 0]) if activation == "sigmoid" else logits[:, 1]
-
-    def _formatted(self, queries: Sequence[str], passages: Sequence[str]) -> tuple[list[str], list[str]]:
-        if len(queries) != len(passages):
-            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
-        q = [self.config.query_template.format(query=x) for x in queries]
-        p = [self.config.passage_template.format(text=x) for x in passages]
-        return q, p
 
     def rank(self, query: str, passages: Sequence[str], top_n: int | None = None) -> list[tuple[int, float]]:
         """(index, score) pairs best first; ties keep input order."""
@@ -455,149 +279,157 @@ class Scorer:
         needs, model's limit); index -1 when it is the query that would be cut. With long_text: chunks a long
         passage is windowed, not cut, so only the query counts. None when nothing would be cut. For the service's
         APIs that refuse rather than cut (TEI, NIM); `tokenizer` lets it check on its own thread."""
-        tok = tokenizer or self.tokenizer
-        query = self.config.query_template.format(query=query)
-        texts = [self.config.passage_template.format(text=t) for t in texts]
-        fixed = self.max_length - self.budget
-        whole = None
-        if self.config.kind == "causal-lm":
-            whole = [len(x) for x in _ids(tok, [self._prompt.format(query, t) for t in texts])]
-        nq = len(_ids(tok, [query])[0])
-        lengths = [len(x) for x in _ids(tok, texts)]
-        for i, n in enumerate(lengths):
-            if whole is not None and whole[i] <= self.max_length:
-                continue
-            keep_q, keep_p = self._split(nq, n)
-            if keep_q < nq:
-                return -1, nq + n + fixed, self.max_length
-            if keep_p < n and self.config.long_text == "truncate":
-                return i, nq + n + fixed, self.max_length
-        return None
+        return self.encoder.first_cut(query, texts, tokenizer=tokenizer)
 
-    # ------------------------------------------------------------------ encode: pairs -> units
+    def _needs_pairs(self, what: str) -> None:
+        if not self.encoder.encodes_pairs:
+            raise ConfigError(f"{what} needs model.kind: cross-encoder or causal-lm")
 
-    def _split(self, nq: int, np_: int) -> tuple[int, int]:
-        """Tokens kept of a query and of a passage: all when they fit in the budget; else the passage is cut
-        first, the query only as far as needed to leave the passage budget - max_query_length tokens."""
-        keep_q = min(nq, max(self.max_query_length, self.budget - np_))
-        return keep_q, min(np_, self.budget - keep_q)
+    @property
+    def _width(self) -> int:
+        return self.num_labels or 1
 
-    def _windows(self, n: int, room: int) -> list[tuple[int, int]]:
-        """Token spans of a passage of n tokens: [(0, room)] with long_text truncate; with chunks, overlapping
-        windows of chunk_tokens (at most room) every chunk_stride tokens until the passage's end is covered."""
-        if self.config.long_text == "truncate" or n <= room:
-            return [(0, room)]
-        cfg = self.config
-        width = min(cfg.chunk_tokens or room, room)
-        stride = min(cfg.chunk_stride or max(1, width // 2), width)
-        spans, start = [], 0
-        while True:
-            spans.append((start, min(start + width, n)))
-            if start + width >= n or len(spans) == cfg.max_windows:
-                return spans
-            start += stride
-
-    def _encode(self, queries: list[str], passages: list[str]) -> Encoded:
-        if self.config.kind == "causal-lm":
-            return self._encode_prompts(queries, passages)
-        q_ids = _unique_ids(self.tokenizer, queries)
-        p_ids = _unique_ids(self.tokenizer, passages)
-        ids, types, unit_pair = [], [], []
-        template = self._template
-        for k, (q, p) in enumerate(zip(queries, passages)):
-            qi, pi = q_ids[q], p_ids[p]
-            keep_q, keep_p = self._split(len(qi), len(pi))
-            for a, b in self._windows(len(pi), keep_p):
-                u_ids, u_types = template.build(qi[:keep_q], pi[a:b])
-                ids.append(u_ids)
-                types.append(u_types)
-                unit_pair.append(k)
-        has_types = template.parts[1] is not None
-        return Encoded(ids, types if has_types else None, np.asarray(unit_pair, dtype=np.int64), len(queries))
-
-    def _encode_prompts(self, queries: list[str], passages: list[str]) -> Encoded:
-        """A prompt that fits is the formatted string tokenized whole, with no special tokens beyond what the
-        template writes (exactly the one-pair reference); one that does not fit is built from the template's
-        fixed parts and the query and document tokens, the document cut (or windowed) first."""
-        prompt = self._prompt
-        whole = _ids(self.tokenizer, [prompt.format(q, p) for q, p in zip(queries, passages)])
-        long = [k for k, x in enumerate(whole) if len(x) > self.max_length]
-        q_ids = _unique_ids(self.tokenizer, [queries[k] for k in long])
-        p_ids = _unique_ids(self.tokenizer, [passages[k] for k in long])
-        ids, unit_pair = [], []
-        for k, x in enumerate(whole):
-            if len(x) <= self.max_length:
-                ids.append(x)
-                unit_pair.append(k)
-                continue
-            qi, pi = q_ids[queries[k]], p_ids[passages[k]]
-            keep_q, keep_p = self._split(len(qi), len(pi))
-            for a, b in self._windows(len(pi), keep_p):
-                ids.append(prompt.build(qi[:keep_q], pi[a:b]))
-                unit_pair.append(k)
-        return Encoded(ids, None, np.asarray(unit_pair, dtype=np.int64), len(queries))
-
-    # ------------------------------------------------------------------ forward: units -> logits
-
-    def _forward(self, enc: Encoded) -> np.ndarray:
-        """One row of logits per unit, in unit order: [units, num_labels]; causal-lm: [units, 2 or 1], the
-        last real token's logits of yes (and no). Batching and the forward pass are _run's."""
-        width = len(self._label_ids) if self.config.kind == "causal-lm" else (self.num_labels or 1)
-        out = np.empty((len(enc.input_ids), width), dtype=np.float32)
-
-        def encode(start: int, end: int) -> dict[str, list[list[int]]]:
-            block = {"input_ids": enc.input_ids[start:end]}
-            if enc.token_type_ids is not None:
-                block["token_type_ids"] = enc.token_type_ids[start:end]
-            return block
-
-        return self._run(len(enc.input_ids), encode, out)
+    # Kept for jobs/benchmark.py: the units of formatted pairs, and the ids of single texts.
+    def _encode(self, queries: Sequence[str], passages: Sequence[str]) -> Encoded:
+        return self.encoder.encode_formatted(list(queries), list(passages))
 
     def _encode_texts(self, texts: list[str], max_length: int) -> dict[str, list[list[int]]]:
         enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False)
         return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
 
-    # ------------------------------------------------------------------ reduce: units -> one row per pair
+    # ------------------------------------------------------------------ the model side: units -> rows
 
-    def _head(self, unit_logits: np.ndarray) -> np.ndarray:
-        """causal-lm: logit(yes) - logit(no) (or logit(yes) alone without a no_token), one column."""
-        if self.config.kind != "causal-lm":
-            return unit_logits
-        if unit_logits.shape[1] == 1:
-            return unit_logits
-        return (unit_logits[:, :1] - unit_logits[:, 1:2]).astype(np.float32)
+    def _logits_encoded(self, enc: Encoded) -> np.ndarray:
+        if enc.n_pairs == 0:
+            return np.zeros((0, self._width), dtype=np.float32)
+        return self._reduce(self._forward_units(enc), enc)
 
-    def _reduce(self, unit_logits: np.ndarray, enc: Encoded) -> np.ndarray:
-        """One row per pair: a pair's only unit, or for windowed pairs the row of its best window by raw score
-        (max), its first window (first), or the mean of its windows' logits (mean). The [0, 1] score is then the
-        activation of that row, so raw and [0, 1] scores come from the same window."""
-        rows = self._head(unit_logits)
-        if len(rows) == enc.n_pairs:
-            return rows
-        starts = np.searchsorted(enc.unit_pair, np.arange(enc.n_pairs))
-        ends = np.append(starts[1:], len(rows))
-        raw = self.from_logits(rows, "none")
-        out = np.empty((enc.n_pairs, rows.shape[1]), dtype=np.float32)
-        how = self.config.chunk_aggregate
-        for k, (a, b) in enumerate(zip(starts, ends)):
-            if b - a == 1 or how == "first":
-                out[k] = rows[a]
-            elif how == "max":
-                out[k] = rows[a + int(np.argmax(raw[a:b]))]
-            else:
-                out[k] = rows[a:b].mean(axis=0)
+    def _forward_units(self, enc: Encoded) -> np.ndarray:
+        """The model's features of every unit of `enc`, in its stored order: [units, d]. Micro-batches are
+        contiguous slices of the length-sorted units (cut_micro_batches, at the budget current when each is cut:
+        an out-of-memory split lowers it for the rest), padded by pad_units; their outputs stay on the device
+        and are gathered with one to_host."""
+        lengths = enc.lengths
+        if len(lengths) > 1 and bool(np.any(lengths[1:] > lengths[:-1])):  # not from PairEncoder: sort a copy
+            order = np.argsort(-lengths, kind="stable")
+            rows = self._forward_units(_reordered(enc, order))
+            out = np.empty_like(rows)
+            out[order] = rows
+            return out
+        pad_id, left = self.encoder.pad_token_id, self.encoder.padding_side == "left"
+        with_types = enc.types is not None and self.backend.uses_token_type_ids
+        parts: list = []
+        start, n = 0, len(lengths)
+        st = self.stats
+        while start < n:
+            rows = max(1, min(self.config.batch_size, self.max_batch_tokens // max(1, int(lengths[start]))))
+            end = min(n, start + rows)
+            ids, mask, types = pad_units(enc, start, end, pad_id, left, with_types)
+            st["forward_passes"] += 1
+            st["rows"] += len(ids)
+            st["tokens"] += int(enc.offsets[end] - enc.offsets[start])
+            st["padded_tokens"] += ids.size
+            with self._forward_lock:
+                parts.extend(self._forward_or_split(ids, mask, types))
+            start = end
+        return self.backend.to_host(parts)
+
+    def _forward_or_split(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> list:
+        """One micro-batch through the model -> its output parts, in row order. On a device out-of-memory error
+        the batch is split in halves and each half run on its own (down to one row, whose error is raised), and
+        the token budget of later batches drops below what failed: scores do not depend on the batch a pair is in,
+        so the result is the same."""
+        try:
+            return [self.backend.forward_device(ids, mask, types)]
+        except Exception as err:  # only an out-of-memory error is handled; the rest is raised again
+            if not _is_out_of_memory(err) or len(ids) <= 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.max_batch_tokens = max(1, min(self.max_batch_tokens, ids.size // 2))
+        self.stats["oom_splits"] += 1
+        if self.stats["oom_splits"] == 1:
+            log.warning(
+                "out of device memory on a batch of %d x %d tokens: split in halves and retried; later batches "
+                "hold at most %d padded tokens (set model.max_batch_tokens to start there)",
+                ids.shape[0],
+                ids.shape[1],
+                self.max_batch_tokens,
+            )
+        half = len(ids) // 2
+        out: list = []
+        for p in (slice(0, half), slice(half, len(ids))):
+            out.extend(self._forward_or_split(ids[p], mask[p], types[p] if types is not None else None))
         return out
+
+    def _reduce(self, rows: np.ndarray, enc: Encoded) -> np.ndarray:
+        """One row per pair, in pair order: a pair's only unit, or for windowed pairs the row of its best window
+        by raw score (max; the first window of a tie), its first window (first), or the mean of its windows'
+        logits (mean). The [0, 1] score is then the activation of that row, so raw and [0, 1] scores come from
+        the same window. Units are in length order; a pair's windows keep their order among them (encoding)."""
+        pair, n = enc.unit_pair, enc.n_pairs
+        out = np.empty((n, rows.shape[1]), dtype=np.float32)
+        if len(rows) == n:
+            out[pair] = rows
+            return out
+        how = self.config.chunk_aggregate
+        if how == "mean":
+            sums = np.zeros((n, rows.shape[1]), dtype=np.float64)
+            np.add.at(sums, pair, rows)
+            return (sums / np.bincount(pair, minlength=n)[:, None]).astype(np.float32)
+        position = np.arange(len(rows))
+        if how == "max":
+            order = np.lexsort((position, -self.from_logits(rows, "none"), pair))
+        else:  # first
+            order = np.lexsort((position, pair))
+        grouped = pair[order]
+        head = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        out[grouped[head]] = rows[order[head]]
+        return out
+
+    def _pipelined(self, n: int, encode: Callable[[int, int], Encoded], run: Callable[[int, int, Encoded], None]):
+        """run(start, end, encode(start, end)) for consecutive blocks of [0, n), in order. Blocks are encoded on a
+        background thread (HF fast tokenizers release the GIL), one block ahead of the model, so tokenisation
+        overlaps the forward passes."""
+        if n == 0:
+            return
+        if self._tokenize_pool is None:
+            # One thread: a fast tokenizer must not be used by two threads at once.
+            self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
+        pending: deque = deque()
+        # At least two blocks from 512 items on, so a call of a few hundred pairs overlaps too.
+        block = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-n // 2)))
+        starts = iter(range(0, n, block))
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                end = min(n, start + block)
+                pending.append((start, end, self._tokenize_pool.submit(encode, start, end)))
+
+        submit()
+        submit()
+        while pending:
+            start, end, future = pending.popleft()
+            enc = future.result()
+            submit()
+            run(start, end, enc)
 
     # ------------------------------------------------------------------ bi-encoder
 
     def embed(self, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
         """Mean-pooled, L2-normalised embeddings (bi-encoder models), float32 [n, dim]."""
-        if self.config.kind != "bi-encoder":
+        if self.encoder.encodes_pairs:
             raise ConfigError("embed() needs model.kind: bi-encoder")
         texts = list(texts)
         limit = max_length or self.max_length
         out = np.empty((len(texts), self.backend.hf_config.hidden_size), dtype=np.float32)
-        return self._run(len(texts), lambda s, e: self._encode_texts(texts[s:e], limit), out)
+
+        def run(start: int, end: int, enc: Encoded) -> None:
+            out[start + enc.unit_pair] = self._forward_units(enc)
+
+        self._pipelined(len(texts), lambda s, e: self.encoder.encode_texts(texts[s:e], limit), run)
+        return out
 
     def _score_bi(self, queries: list[str], passages: list[str]) -> np.ndarray:
         # A passage's embedding does not depend on the query: embed each distinct text once, and keep recent
@@ -626,106 +458,15 @@ class Scorer:
         if len(cache) > limit:
             cache.popitem(last=False)
 
-    # ------------------------------------------------------------------ batching and the model
 
-    def _run(self, n: int, encode: Callable[[int, int], dict[str, list[list[int]]]], out: np.ndarray) -> np.ndarray:
-        """Fill out[i] with the model's features of item i. Items are tokenised block by block on a background
-        thread (HF fast tokenizers release the GIL), one block ahead of the model, so tokenisation and padding
-        overlap the forward passes; the model only ever sees int32 arrays."""
-        if n == 0:
-            return out
-        if self._tokenize_pool is None:
-            # One thread: a fast tokenizer must not be used by two threads at once.
-            self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
-        pending: deque = deque()
-        # At least two blocks from 512 items on, so a call of a few hundred pairs overlaps too.
-        block = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-n // 2)))
-        starts = iter(range(0, n, block))
-
-        def submit() -> None:
-            start = next(starts, None)
-            if start is not None:
-                end = min(n, start + block)
-                pending.append(self._tokenize_pool.submit(self._prepare_block, encode, start, end))
-
-        submit()
-        submit()
-        while pending:
-            batches = pending.popleft().result()
-            submit()
-            for rows, ids, mask, types in batches:
-                with self._forward_lock:
-                    out[rows] = self._forward_or_split(ids, mask, types)
-        return out
-
-    def _forward_or_split(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> np.ndarray:
-        """One micro-batch through the model. On a device out-of-memory error the batch is split in halves and
-        each half run on its own (down to one row, whose error is raised), and the token budget of later batches
-        drops below what failed: scores do not depend on the batch a pair is in, so the result is the same."""
-        try:
-            return self.backend.forward(ids, mask, types)
-        except Exception as err:  # only an out-of-memory error is handled; the rest is raised again
-            if not _is_out_of_memory(err) or len(ids) <= 1:
-                raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.max_batch_tokens = max(1, min(self.max_batch_tokens, ids.size // 2))
-        self.stats["oom_splits"] += 1
-        if self.stats["oom_splits"] == 1:
-            log.warning(
-                "out of device memory on a batch of %d x %d tokens: split in halves and retried; later batches "
-                "hold at most %d padded tokens (set model.max_batch_tokens to start there)",
-                ids.shape[0],
-                ids.shape[1],
-                self.max_batch_tokens,
-            )
-        half = len(ids) // 2
-        parts = [slice(0, half), slice(half, len(ids))]
-        return np.concatenate(
-            [self._forward_or_split(ids[p], mask[p], types[p] if types is not None else None) for p in parts]
-        )
-
-    def _prepare_block(self, encode, start: int, end: int) -> list[tuple]:
-        """Tokenise items [start, end) and cut them into padded int32 micro-batches: (rows, ids, mask, types)."""
-        enc = encode(start, end)
-        input_ids = enc["input_ids"]
-        types = enc.get("token_type_ids") if self.backend.uses_token_type_ids else None
-        pad_id = self.tokenizer.pad_token_id or 0
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        batches = []
-        for idx in self._micro_batches([len(x) for x in input_ids]):
-            width = max(len(input_ids[i]) for i in idx)
-            ids = np.full((len(idx), width), pad_id, dtype=np.int32)
-            mask = np.zeros((len(idx), width), dtype=np.int32)
-            tt = np.zeros((len(idx), width), dtype=np.int32) if types is not None else None
-            for r, i in enumerate(idx):
-                seq = input_ids[i]
-                cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-                ids[r, cols] = seq
-                mask[r, cols] = 1
-                if tt is not None:
-                    tt[r, cols] = types[i]
-            st = self.stats
-            st["forward_passes"] += 1
-            st["rows"] += len(idx)
-            st["tokens"] += int(mask.sum())
-            st["padded_tokens"] += ids.size
-            batches.append((idx + start, ids, mask, tt))
-        return batches
-
-    def _micro_batches(self, lengths: list[int]) -> list[np.ndarray]:
-        """Indices grouped into micro-batches of similar length, longest first (so OOM shows up at once): each
-        is filled while (rows x its longest length) stays within max_batch_tokens and rows within batch_size.
-        A sequence longer than the budget runs alone."""
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        budget, cap = self.max_batch_tokens, self.config.batch_size
-        batches, start = [], 0
-        while start < len(order):
-            longest = max(1, lengths[order[start]])
-            rows = max(1, min(cap, budget // longest))
-            batches.append(order[start : start + rows])
-            start += rows
-        return batches
+def _reordered(enc: Encoded, order: np.ndarray) -> Encoded:
+    """`enc` with its units in `order`."""
+    lengths = enc.lengths[order]
+    offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    take = np.arange(offsets[-1], dtype=np.int64) + np.repeat(enc.offsets[:-1][order] - offsets[:-1], lengths)
+    types = enc.types[take] if enc.types is not None else None
+    return Encoded(enc.ids[take], offsets, types, enc.unit_pair[order], enc.n_pairs)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -735,28 +476,9 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
-def _max_positions(tokenizer, hf_config) -> int:
-    limits = [getattr(hf_config, "max_position_embeddings", None), tokenizer.model_max_length]
-    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(usable) if usable else 512
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function, float32."""
     return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(np.float32)
-
-
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text as it is, no special tokens, nothing cut."""
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-
-
-def _unique_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
-    """Token ids of each distinct text (a query is usually shared by many pairs)."""
-    unique = list(dict.fromkeys(texts))
-    return dict(zip(unique, _ids(tokenizer, unique)))
 
 
 def _positions(items: list[str], unique: list[str]) -> np.ndarray:

@@ -3,6 +3,7 @@ plan-time refusals; token-budget micro-batches."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from pipelines import backends
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
-from pipelines.scoring import Scorer, describe_model
+from pipelines.scoring import Scorer, cut_micro_batches, describe_model
 
 QUERIES = ["what is the boundary layer", "heat transfer at mach 3", "shock wave on a wing"] * 8
 PASSAGES = ["the boundary layer of a wing in supersonic flow " * (1 + i % 5) + f"case {i}" for i in range(len(QUERIES))]
@@ -204,14 +205,15 @@ def test_bfloat16_without_native_support_warns(tiny_cross_encoder, monkeypatch, 
 def test_micro_batches_fill_a_token_budget(tiny_cross_encoder):
     scorer = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, max_batch_tokens=100, batch_size=6))
     lengths = [int(x) for x in np.random.default_rng(0).integers(3, 60, size=200)] + [150]
-    batches = scorer._micro_batches(lengths)
-    seen = np.concatenate(batches)
-    assert sorted(seen.tolist()) == list(range(len(lengths)))
-    for b in batches:
-        longest = max(lengths[i] for i in b)
-        assert len(b) <= 6
-        assert len(b) * longest <= 100 or len(b) == 1
-    assert [lengths[i] for i in batches[0]] == [150]  # longer than the budget: alone, first
+    ordered = np.sort(lengths)[::-1]  # units come sorted, longest first (pipelines.encoding)
+    batches = cut_micro_batches(ordered, scorer.max_batch_tokens, scorer.config.batch_size)
+    assert batches[0][0] == 0 and batches[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(batches))  # contiguous slices, nothing left out
+    for a, b in batches:
+        longest = int(ordered[a:b].max())
+        assert b - a <= 6
+        assert (b - a) * longest <= 100 or b - a == 1
+    assert batches[0] == (0, 1)  # longer than the budget: alone, first
     # Scores do not depend on the budget (each pass is padded to its own longest pair).
     wide = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, max_batch_tokens=100_000))
     np.testing.assert_allclose(scorer.score(QUERIES, PASSAGES), wide.score(QUERIES, PASSAGES), atol=1e-5)

@@ -37,7 +37,7 @@ def test_an_out_of_memory_batch_is_split_and_scores_are_unchanged(tiny_cross_enc
     config = ModelConfig(name_or_path=tiny_cross_encoder, max_length=96, max_batch_tokens=4096, batch_size=64)
     reference = Scorer(config).score(queries, texts)
     scorer = Scorer(config)
-    real, seen = scorer.backend.forward, []
+    real, seen = scorer.backend.forward_device, []
 
     def forward(ids, mask, types):
         seen.append(ids.size)
@@ -45,7 +45,7 @@ def test_an_out_of_memory_batch_is_split_and_scores_are_unchanged(tiny_cross_enc
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(ids, mask, types)
 
-    scorer.backend.forward = forward
+    scorer.backend.forward_device = forward  # what the model side calls per micro-batch
     np.testing.assert_allclose(scorer.score(queries, texts), reference, atol=1e-5)
     assert scorer.stats["oom_splits"] > 0 and max(seen) > 600
     assert scorer.max_batch_tokens < 4096  # later batches start below what failed
@@ -53,6 +53,6 @@ def test_an_out_of_memory_batch_is_split_and_scores_are_unchanged(tiny_cross_enc
     def broken(ids, mask, types):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    scorer.backend.forward = broken  # even one row does not fit: the error stands
+    scorer.backend.forward_device = broken  # even one row does not fit: the error stands
     with pytest.raises(torch.cuda.OutOfMemoryError):
         scorer.score(queries[:3], texts[:3])

@@ -151,7 +151,7 @@ def test_pairs_that_do_not_fit_cut_the_passage_first(tiny_cross_encoder):
         (long_q, short_p, budget - len(ids(short_p)), len(ids(short_p))),  # query cut only as far as needed
     ]
     qs, ps = [c[0] for c in cases], [c[1] for c in cases]
-    enc = scorer._encode(qs, ps)
+    enc = scorer.encoder.encode(qs, ps)  # all three are 64 tokens: the length sort keeps their order
     want_ids, want_types = [], []
     for q, p, keep_q, keep_p in cases:
         qi, pi = ids(q)[:keep_q], ids(p)[:keep_p]
@@ -211,15 +211,16 @@ def test_causal_lm_cuts_only_the_document(causal_right):
 
     tok = AutoTokenizer.from_pretrained(causal_right)
     scorer = _causal(causal_right, max_length=160)
-    fixed = scorer._prompt.fixed_ids
+    fixed = scorer.encoder.prompt.fixed_ids
     query, doc = "what is the pressure on a wing", "the boundary layer of a supersonic wing " * 40
     fits = "shock wave"
-    enc = scorer._encode([query, query], [doc, fits])
+    enc = scorer.encoder.encode([query, query], [doc, fits])
+    assert enc.unit_pair.tolist() == [0, 1]  # longest first
     cut, whole = enc.input_ids
     assert len(cut) == 160 and cut[: len(fixed[0])] == fixed[0] and cut[-len(fixed[2]) :] == fixed[2]
     q_ids = tok(query, add_special_tokens=False)["input_ids"]
     d_ids = tok(doc, add_special_tokens=False)["input_ids"]
-    assert cut == fixed[0] + q_ids + fixed[1] + d_ids[: 160 - scorer._prompt.n_fixed - len(q_ids)] + fixed[2]
+    assert cut == fixed[0] + q_ids + fixed[1] + d_ids[: 160 - scorer.encoder.prompt.n_fixed - len(q_ids)] + fixed[2]
     assert whole == _prompt_ids(causal_right, [query], [fits])[0]
     np.testing.assert_allclose(
         scorer.score([query, query], [doc, fits]), _causal_reference(causal_right, [cut, whole]), atol=1e-4
@@ -331,7 +332,7 @@ def _window_reference(scorer: Scorer, path: str, query: str, passage: str, kind:
         spans = [(a, min(a + width, len(p))) for a in range(0, len(p), stride)]
         spans = spans[: next(i for i, (a, b) in enumerate(spans) if b == len(p)) + 1][: cfg.max_windows]
     if kind == "causal":
-        f = scorer._prompt.fixed_ids
+        f = scorer.encoder.prompt.fixed_ids
         return list(_causal_reference(path, [f[0] + q + f[1] + p[a:b] + f[2] for a, b in spans]))
     ids = [[tok.cls_token_id, *q, tok.sep_token_id, *p[a:b], tok.sep_token_id] for a, b in spans]
     types = [[0] * (len(q) + 2) + [1] * (b - a + 1) for a, b in spans]
@@ -375,8 +376,8 @@ def test_chunks_on_causal_lm_and_window_options(causal_left, cranfield):
 
 
 def test_batch_job_scores_causal_lm_as_the_scorer_does(ray_local, causal_right, tmp_path):
-    from pipelines.batch import run_rerank
     from pipelines.config import RerankJobConfig
+    from pipelines.job import run_rerank
     from tests.datasets import make_pairs, write_packed
 
     pairs = make_pairs(num_queries=6, per_query=7)
