@@ -56,3 +56,109 @@ def test_an_out_of_memory_batch_is_split_and_scores_are_unchanged(tiny_cross_enc
     scorer.backend.forward_device = broken  # even one row does not fit: the error stands
     with pytest.raises(torch.cuda.OutOfMemoryError):
         scorer.score(queries[:3], texts[:3])
+
+
+# ---------------------------------------------------------------------------------------------- the GPU path
+
+
+def test_gpu_token_budget_formula():
+    """budget = fraction x (free - weights) / (layers x hidden x k x dtype bytes), clamped and rounded down."""
+    from pipelines.backends import gpu_batch_tokens
+
+    gib = 1 << 30
+    # BERT-base in bfloat16: 12 x 768 x 16 x 2 = 294,912 bytes per token.
+    assert gpu_batch_tokens(80 * gib, 0.2 * gib, 12, 768, 2) == 131072  # clamped to the top of the range
+    want = int(0.5 * (15 * gib - 0.2 * gib) // 294_912) // 1024 * 1024
+    assert gpu_batch_tokens(15 * gib, 0.2 * gib, 12, 768, 2) == want == 26624
+    assert gpu_batch_tokens(1 * gib, 0.9 * gib, 12, 768, 2) == 4096  # little room: the bottom of the range
+    assert gpu_batch_tokens(0, 5 * gib, 12, 768, 2) == 4096  # weights larger than the free memory
+    assert gpu_batch_tokens(15 * gib, 0, 12, 768, 4) == 13312  # float32 takes twice the bytes: half the tokens
+    assert gpu_batch_tokens(15 * gib, 0, 12, 768, 2, fraction=0.25, k=8) == 26624  # the knobs
+    assert gpu_batch_tokens(10**15, 0, 1, 1, 1, hi=5000, multiple=1000) == 5000
+
+
+def test_auto_budget_reads_free_memory_before_the_weights_load(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines import backends
+    from pipelines.scoring import max_batch_tokens
+
+    bert = SimpleNamespace(
+        num_hidden_layers=12, hidden_size=768, intermediate_size=3072, vocab_size=30522, max_position_embeddings=512
+    )
+    assert 100e6 < backends.estimate_parameters(bert) < 120e6  # BERT-base: 110M
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backends.default_max_batch_tokens(cpu, bert, "bfloat16") == 2048  # CPU: today's default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.default_max_batch_tokens(cuda, bert, "bfloat16") == backends.GPU_BATCH_TOKENS_FALLBACK
+    cfg = ModelConfig(name_or_path="m", max_batch_tokens="auto", dtype="bfloat16")
+    assert max_batch_tokens(cfg, cuda, bert) == "auto"  # a driver without the workers' GPU: each worker decides
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15 * gib, 16 * gib))
+    weights = backends.estimate_parameters(bert) * 2
+    want = backends.gpu_batch_tokens(15 * gib, weights, 12, 768, 2)
+    assert backends.default_max_batch_tokens(cuda, bert, "bfloat16") == want
+    assert max_batch_tokens(cfg, cuda, bert) == want
+    assert max_batch_tokens(cfg.model_copy(update={"max_batch_tokens": 9000}), cuda, bert) == 9000  # a number wins
+    assert backends.default_max_batch_tokens(cuda, bert, "float32") < want
+
+
+def test_dtype_auto_on_cuda_is_bfloat16_where_supported(monkeypatch):
+    from pipelines import backends
+
+    cfg = ModelConfig(name_or_path="m", backend="auto", dtype="auto")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert backends.resolve_auto(cfg, cuda)[0].dtype == "bfloat16"
+    assert backends.resolve_auto(cfg.model_copy(update={"backend": "torch"}), cuda)[0].dtype == "bfloat16"
+    fixed = cfg.model_copy(update={"dtype": "float32"})
+    assert backends.resolve_auto(fixed, cuda)[0].dtype == "float32"  # float32 only when asked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4 or V100
+    assert backends.resolve_auto(cfg, cuda)[0].dtype == "float16"
+
+
+def test_one_device_to_host_copy_per_call(tiny_cross_encoder):
+    """Micro-batch outputs stay where the backend computed them; score_encoded gathers them once."""
+    import numpy as np
+
+    from pipelines.scoring import Scorer
+    from tests.datasets import make_pairs
+
+    pairs = make_pairs(num_queries=4, per_query=10, seed=3)
+    scorer = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96, max_batch_tokens=300))
+    enc = scorer.encoder.encode(pairs["query"].tolist(), pairs["text"].tolist())
+    real, gathers, outputs = scorer.backend.to_host, [], []
+    real_forward = scorer.backend.forward_device
+
+    def forward_device(ids, mask, types):
+        out = real_forward(ids, mask, types)
+        outputs.append(out)
+        return out
+
+    def to_host(parts):
+        gathers.append(len(parts))
+        return real(parts)
+
+    scorer.backend.forward_device, scorer.backend.to_host = forward_device, to_host
+    got = scorer.score_encoded(enc)
+    assert len(gathers) == 1 and gathers[0] == len(outputs) > 3
+    assert all(isinstance(o, torch.Tensor) for o in outputs)  # not copied to numpy one by one
+    np.testing.assert_allclose(got, scorer.score(pairs["query"].tolist(), pairs["text"].tolist()), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bfloat16_matches_cpu_float32(tiny_cross_encoder):
+    import numpy as np
+
+    from pipelines.scoring import Scorer
+    from tests.datasets import make_pairs
+
+    pairs = make_pairs(num_queries=4, per_query=10, seed=3)
+    q, p = pairs["query"].tolist(), pairs["text"].tolist()
+    gpu = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96, device="cuda"))
+    assert gpu.config.dtype == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    cpu = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96, device="cpu", dtype="float32"))
+    ref = cpu.score(q, p)
+    np.testing.assert_allclose(gpu.score_encoded(gpu.encoder.encode(q, p)), ref, atol=0.05 * (1 + np.abs(ref).max()))
