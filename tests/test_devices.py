@@ -162,3 +162,74 @@ def test_cuda_bfloat16_matches_cpu_float32(tiny_cross_encoder):
     cpu = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=96, device="cpu", dtype="float32"))
     ref = cpu.score(q, p)
     np.testing.assert_allclose(gpu.score_encoded(gpu.encoder.encode(q, p)), ref, atol=0.05 * (1 + np.abs(ref).max()))
+
+
+# ---------------------------------------------------------------------------------------------- jobs/gpu_check.py
+
+_NO_RAY_NO_PYDANTIC = """
+import runpy, sys
+
+class Block:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in ("pydantic", "pydantic_core", "ray"):
+            raise ModuleNotFoundError(f"blocked: {name}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block)
+sys.argv = ["jobs/gpu_check.py", "--device", "cpu", "--quick"]
+try:
+    runpy.run_path("jobs/gpu_check.py", run_name="__main__")
+except SystemExit as end:
+    assert not end.code, end.code
+assert not {"pydantic", "ray"} & set(sys.modules)
+print("NO-RAY-NO-PYDANTIC")
+"""
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_smoke_run_without_ray_or_pydantic():
+    """The GPU box has no Ray and no pydantic: the script's CPU smoke run, with both made unimportable, prints
+    its tables."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_RAY_NO_PYDANTIC], cwd=root, capture_output=True, text=True, timeout=540, check=False
+    )
+    out = res.stdout
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "model settings: StandInConfig" in out and "NO-RAY-NO-PYDANTIC" in out
+    assert "| model | max_batch_tokens | pairs/s | tokens/s | MFU | peak GPU GiB |" in out
+    assert "max abs diff vs CPU float32" in out and "CPUs per GPU |" in out
+    for model in ("mini", "base"):
+        for budget in (1024, 4096):
+            assert f"| {model} | {budget} | " in out
+
+
+def test_gpu_check_stand_in_config_has_model_configs_fields_and_defaults():
+    import dataclasses
+
+    from jobs.gpu_check import StandInConfig
+    from pipelines.config import ModelConfig
+
+    stand_in = {f.name: f.default for f in dataclasses.fields(StandInConfig)}
+    real = {k: (None if f.is_required() else f.default) for k, f in ModelConfig.model_fields.items()}
+    assert stand_in.keys() == real.keys()
+    assert {k: v for k, v in stand_in.items() if k != "name_or_path"} == {
+        k: v for k, v in real.items() if k != "name_or_path"
+    }
+    cfg = StandInConfig(name_or_path="m")
+    assert cfg.model_copy(update={"dtype": "bfloat16"}).dtype == "bfloat16" and cfg.dtype == "float32"
+
+
+def test_gpu_check_peak_table():
+    from jobs.gpu_check import peak_tflops
+
+    assert peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L4") == 121.0
+    assert peak_tflops("Some Future GPU") is None
