@@ -128,19 +128,30 @@ def root_cause(err: BaseException) -> str:
 
 def rerank_error(err: BaseException) -> RerankError | None:
     """Our own error (bad input, a refused config, an accounting failure) raised inside a Ray task or actor, found
-    through Ray's and Ray Data's wrappers; None when the failure is not ours."""
+    through Ray's and Ray Data's wrappers (``RayTaskError.cause``, exception chaining): the original, whose message
+    is one line; None when the failure is not ours."""
+    from ray.exceptions import RayError
+
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
-        e = todo.pop()
+        e = todo.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RerankError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        as_cause = getattr(e, "as_instanceof_cause", None)
-        if callable(as_cause):
-            with contextlib.suppress(Exception):
-                todo.append(as_cause())
+        if isinstance(e, RerankError) and not isinstance(e, RayError):
+            return _without_ray_notes(e)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
+
+
+def _without_ray_notes(err: RerankError) -> RerankError:
+    """Ray Data appends its retry advice to a UDF's error message ("Failed to apply UDF transform after ..."):
+    ours are one line and say what to do, so it is cut off."""
+    text = str(err)
+    cut = text.find("\nFailed to apply UDF")
+    if cut < 0:
+        return err
+    clean = type(err)(text[:cut].rstrip())
+    clean.__cause__ = err.__cause__
+    return clean
