@@ -32,5 +32,8 @@ RUN pip install --no-cache-dir ".[cpu-backends]" "ray[data,serve]==${RAY_VERSION
     && python -c "import ray, torch, pipelines.cli; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 
 # Models come from the hub at run time (HF_HOME on a volume keeps them across restarts) or from a mounted folder.
+# TOKENIZERS_PARALLELISM=false: each task of the job's CPU stage reserves scale.prepare_cpus (1) CPU and tokenises one
+# unit; Ray runs as many of them at once as the node has CPUs, which is where the parallelism comes from. A
+# tokenizer fanning every batch out to all the node's cores as well would oversubscribe them.
 ENV HF_HOME=/home/ray/.cache/huggingface \
     TOKENIZERS_PARALLELISM=false

@@ -22,6 +22,15 @@ FIRST_STAGE = "first_stage"
 PLOT = "quality_vs_tokens.png"
 
 
+def run_name(k: int, reranker: str = "rerank") -> str:
+    return f"{reranker}_k{k}"
+
+
+def job_dir_name(config: EvalConfig, reranker: str) -> str:
+    """The batch job's output folder in the report: rerank_job for one model, rerank_job_<name> for several."""
+    return "rerank_job" if config.rerankers is None else f"rerank_job_{reranker}"
+
+
 def reranker_figures(config: EvalConfig, summary: Any, pairs: dict[int, int], n_queries: int) -> dict[str, Any]:
     """A reranker's measured throughput and what reranking K candidates per query costs per 1,000 queries at it."""
     pps = summary.pairs_per_s
@@ -57,7 +66,6 @@ def build_report(
     rows: list[dict[str, Any]],
     timing: dict[str, float],
 ) -> dict[str, Any]:
-    from pipelines.evaluation.sweep import job_dir_name, run_name
 
     price = config.cost.price_per_million_tokens
     token_ns = sorted(set(config.n_grid + config.n_base + [r["n_reranked"] for r in rows if r["n_reranked"]]))

@@ -30,21 +30,13 @@ from pipelines.evaluation import loaders
 from pipelines.evaluation.costs import context_tokens, count_tokens, token_summary
 from pipelines.evaluation.loaders import Collection, RankedRun
 from pipelines.evaluation.metrics import Ranking, evaluate, measure_names
+from pipelines.evaluation.report import job_dir_name, run_name
 
 log = logging.getLogger(__name__)
 
 FIRST_STAGE = "first_stage"
 _MARKER = ".rerank-eval"
 _EPS = 1e-9  # means of the same per-query values summed in another order may differ in the last bits
-
-
-def run_name(k: int, reranker: str = "rerank") -> str:
-    return f"{reranker}_k{k}"
-
-
-def job_dir_name(config: EvalConfig, reranker: str) -> str:
-    """The batch job's output folder in the report: rerank_job for one model, rerank_job_<name> for several."""
-    return "rerank_job" if config.rerankers is None else f"rerank_job_{reranker}"
 
 
 @dataclass
