@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from pipelines.config import RayConfig
 from pipelines.errors import RerankError
@@ -202,6 +205,152 @@ def _name(proc) -> str:
         return proc.name()
     except Exception:  # noqa: BLE001 - for a log line
         return "?"
+
+
+# ---------------------------------------------------------------------------------------------- GPUs
+
+
+def cluster_gpus() -> tuple[float, float]:
+    """``(now, most)``: the GPUs of the Ray cluster's live nodes, and the most it can have: ``now`` or what its
+    autoscaler can add from its node types, whichever is more (``math.inf`` where a node type has no upper bound).
+    Whether a model stage wants GPUs is to be decided from ``most``: an autoscaling cluster whose GPU node types
+    start at zero has ``now == 0`` until a GPU request makes its autoscaler add one. Ray must be initialised; this
+    never starts it, and no missing or unreadable source raises (a debug log line says what was skipped).
+
+    Sources, in this order; the first that names node types decides ``most``:
+
+    1. The cluster config in the GCS (internal KV ``__autoscaler`` / ``__autoscaler_cluster_config``, an
+       ``autoscaler_pb2.ClusterConfig``, read by ``ray._private.state.state.get_cluster_config()``): each node
+       group's ``resources["GPU"] * max_count`` (``max_count`` -1: unbounded), capped by ``max_resources["GPU"]``
+       where set. Ray Data and Ray Train read the same key. Ray 2.60's own autoscalers do not write it (v2's
+       ``Autoscaler._report_cluster_config`` came later); a Ray that does, or a platform's autoscaler, is read here.
+    2. The autoscaling config file of the autoscaler on this machine: the Ray autoscaler (v1 or v2 ``monitor.py``)
+       runs on the head, started with ``--gcs-address=<this cluster's GCS>`` and ``--autoscaling-config=<path>`` (the
+       cluster launcher: ``~/ray_bootstrap_config.yaml``, the config ``ray up`` bootstrapped, resources filled in),
+       found by its command line (GCS port matched) among this machine's processes; read as YAML. Its
+       ``available_node_types``: the head type's GPUs plus each worker type's ``resources.GPU * max_workers``
+       (default: the top-level ``max_workers``, which also caps the worker count, filled GPU-richest first). This is
+       what the cluster launcher and ``ray start --head --autoscaling-config`` give a driver on the head, where Ray
+       Jobs run entrypoints by default. A monitor without a config file (a fixed-size cluster) gives nothing.
+    3. Neither: ``most = now``. This is the case of a driver off the head node (e.g. a Ray Jobs entrypoint given
+       resources, or Ray Client), and of KubeRay's autoscaler on Ray 2.60 (a sidecar container that builds its
+       config from the RayCluster resource, invisible from here). What the v1 autoscaler publishes in the GCS
+       (internal KV ``__autoscaling_status``: active/pending node type names, pending launches, the resources of
+       pending nodes, current nodes' resources) names no node type's resources or bounds, so it is not used.
+
+    Cost: ``ray.cluster_resources()`` and one internal-KV get; source 2 adds a scan of this machine's process list
+    and a file read. Raises RuntimeError only when Ray is not initialised."""
+    import ray
+
+    if not ray.is_initialized():  # Ray's calls below would start a local Ray
+        raise RuntimeError("cluster_gpus() needs Ray initialised (ray.init or pipelines.ray_runtime.connect)")
+    now = float(ray.cluster_resources().get("GPU", 0.0))
+    most = _gcs_config_gpus()
+    if most is None:
+        most = _local_autoscaler_gpus()
+    return now, (now if most is None else max(now, most))
+
+
+def gpus_from_cluster_config(config: Any) -> float | None:
+    """The most GPUs an ``autoscaler_pb2.ClusterConfig`` allows; None when it has no node groups."""
+    if config is None or not len(config.node_group_configs):
+        return None
+    total = 0.0
+    for group in config.node_group_configs:
+        gpus, count = float(group.resources.get("GPU", 0)), int(group.max_count)
+        if gpus <= 0 or count == 0:
+            continue
+        total = math.inf if count < 0 else total + gpus * count
+    if "GPU" in config.max_resources:
+        total = min(total, float(config.max_resources["GPU"]))
+    return total
+
+
+def gpus_from_autoscaling_config(config: dict[str, Any]) -> float | None:
+    """The most GPUs a Ray autoscaling config (cluster launcher YAML) allows; None when it names no node types."""
+    types = config.get("available_node_types") or {}
+    if not isinstance(types, dict) or not types:
+        return None
+    head_type = config.get("head_node_type")
+    cap = config.get("max_workers")
+    remaining = math.inf if cap is None else float(cap)
+
+    def gpus_of(spec: Any) -> float:
+        resources = (spec or {}).get("resources") or {}
+        return float(resources.get("GPU", 0) or 0)
+
+    total = gpus_of(types.get(head_type)) if head_type in types else 0.0
+    workers = [(gpus_of(spec), spec or {}) for name, spec in types.items() if name != head_type]
+    for gpus, spec in sorted(workers, key=lambda w: -w[0]):
+        if gpus <= 0 or remaining <= 0:
+            continue
+        n = spec.get("max_workers", cap)
+        n = remaining if n is None else min(float(n), remaining)
+        total += gpus * n
+        remaining -= n
+    return total
+
+
+def _gcs_config_gpus() -> float | None:
+    try:
+        from ray._private.state import state
+
+        return gpus_from_cluster_config(state.get_cluster_config())
+    except Exception as err:  # noqa: BLE001 - a missing source is not an error
+        log.debug("cluster config from the GCS not read: %s", err)
+        return None
+
+
+def _local_autoscaler_gpus() -> float | None:
+    path = local_autoscaling_config_path()
+    if path is None:
+        return None
+    try:
+        import yaml
+
+        config = yaml.safe_load(path.read_text())
+        gpus = gpus_from_autoscaling_config(config) if isinstance(config, dict) else None
+    except Exception as err:  # noqa: BLE001
+        log.debug("autoscaling config %s not read: %s", path, err)
+        return None
+    log.debug("autoscaling config %s: at most %s GPUs", path, gpus)
+    return gpus
+
+
+_MONITORS = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
+
+
+def local_autoscaling_config_path() -> Path | None:
+    """The ``--autoscaling-config`` file of the Ray autoscaler on this machine that serves this process's cluster
+    (its ``--gcs-address`` has this cluster's GCS port), or None."""
+    try:
+        import psutil  # Ray's own copy once ray is imported
+        import ray
+
+        if not ray.is_initialized():  # get_runtime_context() would start a local Ray
+            return None
+        port = str(ray.get_runtime_context().gcs_address).rpartition(":")[2]
+    except Exception as err:  # noqa: BLE001 - e.g. Ray Client, no GCS address here
+        log.debug("no GCS address to match an autoscaler to: %s", err)
+        return None
+    if not port.isdigit():
+        return None
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if not any(part.replace(os.sep, "/").endswith(_MONITORS) for part in cmdline):
+                continue
+            args = dict(part[2:].split("=", 1) for part in cmdline if part.startswith("--") and "=" in part)
+            if args.get("gcs-address", "").rpartition(":")[2] != port:
+                continue
+            config = args.get("autoscaling-config")
+            if not config:
+                return None
+            path = Path(os.path.expanduser(config))
+            return path if path.is_absolute() else Path(proc.cwd()) / path
+        except (psutil.Error, OSError, ValueError):
+            continue
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- signals

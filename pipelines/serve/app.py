@@ -19,6 +19,7 @@ import asyncio
 import copy
 import hmac
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -569,8 +570,10 @@ class RerankService:
 
 
 def replica_gpus(config: ServeAppConfig) -> float:
-    """GPUs each replica reserves; auto: 1 when the cluster has GPUs and model.device may use one (as the batch
-    job's actors), so a `device: cpu` replica does not hold a GPU it never uses."""
+    """GPUs each replica reserves; auto: 1 when the cluster has or can add GPUs and model.device may use one (as
+    the batch job's actors), so a `device: cpu` replica does not hold a GPU it never uses. "Can add" is read from
+    the cluster's node types (`cluster_gpus`): on an autoscaling cluster whose GPU nodes start at zero the replicas
+    still ask for a GPU, and that request is what makes the autoscaler add a GPU node."""
     gpus = config.serve.num_gpus_per_replica
     if gpus != "auto":
         return float(gpus)
@@ -578,7 +581,18 @@ def replica_gpus(config: ServeAppConfig) -> float:
 
     if not ray.is_initialized() or config.model.device == "cpu":
         return 0.0
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    from pipelines.ray_runtime import cluster_gpus
+
+    now, most = cluster_gpus()
+    if most <= 0:
+        return 0.0
+    if now <= 0:
+        log.info(
+            "no GPU node is up, but the cluster's autoscaler can add %s: each replica asks for 1 GPU "
+            "(serve.num_gpus_per_replica auto) and starts once a GPU node is up",
+            "GPU nodes (no upper bound)" if math.isinf(most) else f"up to {most:g} GPUs",
+        )
+    return 1.0
 
 
 def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
