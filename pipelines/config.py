@@ -377,6 +377,13 @@ class ScaleConfig(_Strict):
         "cluster may have to add a GPU node first); then the job stops saying what it lacked, its finished units "
         "kept for --resume.",
     )
+    stall_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="The job stops when no unit has moved through any stage for this long (every model actor "
+        "lost and none can be placed again, or a cluster with no room left), its finished units kept for "
+        "--resume. Raise it if one unit takes longer than this to score.",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> ScaleConfig:

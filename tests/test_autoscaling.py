@@ -364,3 +364,74 @@ def test_cluster_config_in_the_gcs_comes_first(autoscaling):
     finally:
         _internal_kv_del(key, namespace=namespace)
     assert cluster_gpus()[1] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- the batch job on it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_job_scores_on_the_gpu_nodes_the_autoscaler_adds(autoscaling, tmp_path):
+    """Default scale settings on a cluster whose GPU nodes start at zero: the model actors take GPUs (from the node
+    types, not what is up), run only on the GPU nodes the autoscaler adds, the pool grows to 2, and the output
+    equals the in-process Scorer's top-N (what a single actor gives)."""
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.config import ModelConfig
+    from pipelines.job import run_rerank
+    from pipelines.scoring import Scorer
+    from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat
+    from tests.tiny_models import build_simulated_accelerator
+
+    sim = str(build_simulated_accelerator(tmp_path / "sim", pairs_per_s=25.0))
+    pairs = make_pairs(num_queries=100, per_query=20, seed=11)
+    src = write_flat(pairs, tmp_path / "in", files=10)
+    config = small_job(
+        tmp_path,
+        sim,
+        src,
+        3,
+        model__trust_remote_code=True,
+        scale__num_actors="auto",
+        scale__num_cpus_per_actor=1.0,
+        scale__unit_rows=20,
+        scale__actor_start_timeout_s=240,
+    )
+    summary = run_rerank(config)
+    workers = autoscaling.worker_nodes()
+    heads = {n["NodeID"] for n in autoscaling.alive_nodes()} - {n["NodeID"] for n in workers}
+    gpu_nodes = {n["NodeID"] for n in workers if n["Resources"].get("GPU")}
+    assert summary.scale["num_gpus_per_actor"] == 1.0 and summary.scale["max_actors"] == 2
+    by_node = summary.scale["units_by_node"]
+    assert not heads & set(by_node) and set(by_node) <= gpu_nodes, (by_node, gpu_nodes)
+    assert len(by_node) == 2, by_node  # the pool grew onto a second GPU node
+    assert summary.pairs_in == summary.pairs_scored == len(pairs)
+    scores = Scorer(ModelConfig(name_or_path=sim, trust_remote_code=True, max_length=96)).score(
+        pairs["query"].tolist(), pairs["text"].tolist()
+    )
+    got, ref = read_output(tmp_path / "out"), reference_top_n(pairs, scores, 3)
+    pd.testing.assert_frame_equal(got[["query_id", "doc_id", "rank"]], ref[["query_id", "doc_id", "rank"]])
+    np.testing.assert_allclose(got["score"], ref["score"], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_job_whose_gpus_never_come_says_what_it_lacked(autoscaling, tmp_path, tiny_cross_encoder):
+    from pipelines.job import JobError, run_rerank
+    from tests.datasets import make_pairs, small_job, write_flat
+
+    src = write_flat(make_pairs(num_queries=4, per_query=5), tmp_path / "in", files=1)
+    config = small_job(
+        tmp_path,
+        tiny_cross_encoder,
+        src,
+        3,
+        scale__num_actors="auto",
+        scale__accelerator_type="H100",
+        scale__actor_start_timeout_s=10,
+    )
+    started = time.monotonic()
+    with pytest.raises(JobError, match=r"no model actor started within 10 s: the cluster lacks .*1 GPU.* on H100"):
+        run_rerank(config)
+    assert time.monotonic() - started < 120

@@ -224,6 +224,7 @@ def _score(
     line = _ProgressLine(len(units), sum(u.end - u.start for u in units), spec.layout.layout == PACKED, started)
     with data_context(
         wait_for_min_actors_s=config.scale.actor_start_timeout_s,
+        execution_no_progress_timeout_s=config.scale.stall_timeout_s,
         enable_progress_bars=sys.stderr.isatty(),
         max_errored_blocks=0,
     ):
@@ -277,6 +278,16 @@ def _scoring_failure(err: BaseException, config, scale: dict[str, Any], finished
         return (
             f"no model actor started within {config.scale.actor_start_timeout_s:.0f} s: the cluster lacks {lacks} "
             f"(it has {scale['cluster_gpus']['now']:g} GPU(s) up, and can have {scale['cluster_gpus']['most']})"
+        )
+    if type(err).__name__ == "ExecutionTimeoutError" or "made no progress" in str(err):
+        lacks = (
+            f"{scale['num_cpus_per_actor']:g} CPU / {scale['num_gpus_per_actor']:g} GPU"
+            f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''} per model actor"
+        )
+        return (
+            f"no unit moved for {config.scale.stall_timeout_s:.0f} s (scale.stall_timeout_s): the model actors are "
+            f"gone and none could be placed again (the cluster lacks {lacks}), or a unit takes longer than that "
+            f"({kept})"
         )
     cause = ray_cause(err)
     if cause is not None:
