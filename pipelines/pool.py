@@ -71,7 +71,12 @@ def model_stage(model: ModelConfig, scale: ScaleConfig, pool: dict[str, Any]) ->
     return ActorStage(
         "model",
         ModelStage,
-        {"model": model, "num_cpus": pool["num_cpus_per_actor"], "in_flight": pool["batches_in_flight"]},
+        {
+            "model": model,
+            "num_cpus": pool["num_cpus_per_actor"],
+            "in_flight": pool["batches_in_flight"],
+            "batch_rows": scale.batch_rows,
+        },
         min_size=pool["min_actors"],
         max_size=pool["max_actors"],
         num_cpus=pool["num_cpus_per_actor"],

@@ -90,7 +90,7 @@ class ModelStage:
     Threads: on CPU, torch gets as many threads as the actor reserved CPUs (``num_cpus``; Ray sets
     OMP_NUM_THREADS=1 for fractional actors) unless model.num_threads says otherwise."""
 
-    def __init__(self, model: ModelConfig, num_cpus: float = 1.0, in_flight: int = 2):
+    def __init__(self, model: ModelConfig, num_cpus: float = 1.0, in_flight: int = 2, batch_rows: int = 4096):
         import time
 
         started = time.perf_counter()
@@ -102,6 +102,7 @@ class ModelStage:
             torch.set_num_threads(default_threads(num_cpus))
         imported = time.perf_counter()
         self.scorer = Scorer(model)
+        self.batch_rows = batch_rows
         self.timings = {
             "actor_imports_s": imported - started,
             "model_load_s": time.perf_counter() - imported,
@@ -149,5 +150,11 @@ class ModelStage:
             return self.scorer.score_encoded(Encoded.from_arrays(pickle.loads(encoded)))
         if texts is not None:
             pairs = from_ipc(texts)
-            return self.scorer.score(pairs.column("query").to_pylist(), pairs.column("text").to_pylist())
+            queries, passages = pairs.column("query").to_pylist(), pairs.column("text").to_pylist()
+            step, windows, out = self.batch_rows, 0, []
+            for i in range(0, len(queries), step):
+                out.append(self.scorer.score(queries[i : i + step], passages[i : i + step]))
+                windows += self.scorer.last_windows
+            self.scorer.last_windows = windows
+            return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
         return np.zeros(0, dtype=np.float32)
