@@ -159,6 +159,11 @@ def _run_leased(
         totals.add(record, now=False)
     if todo:
         _score(spec, todo, scale, config, timings, totals)
+    if totals.units != len(units):  # every unit commits exactly once, or the job says so (never silent loss)
+        raise JobError(
+            f"{len(units) - totals.units} of {len(units)} units came back without a commit record; rerun with "
+            "--resume to score them"
+        )
 
     summary = JobSummary(
         output_uri=config.output.uri,

@@ -86,6 +86,11 @@ class Totals:
     units_retried: int = 0  # units of this run scored again after a failure (see the model stage's `retried`)
     _seen: set[str] = field(default_factory=set)
 
+    @property
+    def units(self) -> int:
+        """Units counted (each once)."""
+        return len(self._seen)
+
     def add(self, record: dict[str, Any], now: bool) -> bool:
         """One unit's commit record (`now`: scored by this run); False, and nothing counted, for a unit already
         counted (a stage retried after its commit: the files it rewrote are the same)."""
