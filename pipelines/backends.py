@@ -211,6 +211,17 @@ def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig
     - a fixed backend with dtype auto: that backend's best dtype by the same order; a fixed dtype with backend
       auto: the first backend of the order with that dtype, else the first that runs it."""
     backend, dtype = config.backend, config.dtype
+    if device.type == "cuda" and (backend, dtype) == ("torch", "float32") and "dtype" not in config.model_fields_set:
+        # model.dtype left at its default (float32, for CPUs): a GPU gets its fast precision; float32 when asked.
+        gpu = "bfloat16" if cuda_bf16() else "float16"
+        choice = {
+            "requested": "torch/float32 (the default, not set)",
+            "backend": "torch",
+            "dtype": gpu,
+            "reason": "GPU default: bfloat16 where the GPU has it, else float16; set model.dtype float32 to keep it",
+            "device": str(device),
+        }
+        return config.model_copy(update={"dtype": gpu}), choice
     if backend != "auto" and dtype != "auto":
         return config, None
     family = cpu_family() if device.type == "cpu" else "gpu"

@@ -114,7 +114,9 @@ class ModelConfig(_Strict):
     max_batch_tokens: int | Literal["auto"] = Field(
         "auto",
         description="Padded tokens per forward pass (pairs x the longest of them): micro-batches are filled up to "
-        "it. auto: 2048 on CPU, 16384 on a GPU. A pair longer than it still runs, alone.",
+        "it. auto: 2048 on CPU; on a GPU, from its free memory when the model loads: 0.5 x (free - weights) / "
+        "(layers x hidden x 16 x dtype bytes), clamped to 4096-131072 and rounded down to a multiple of 1024. A "
+        "pair longer than it still runs, alone.",
     )
     backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "torch",
@@ -128,7 +130,9 @@ class ModelConfig(_Strict):
         description="Compute precision. torch: float32; bfloat16 (CPU: autocast, weights stay float32; GPU: "
         "weights); float16 (GPU only). onnx: float32, int8 (quantisation). openvino: float32, bfloat16 "
         "(precision hint), int8 (static quantisation calibrated on the bundled Cranfield). Other combinations are "
-        "refused before the job starts. auto: chosen with the backend (see backend), or the best for a fixed one.",
+        "refused before the job starts. auto: chosen with the backend (see backend), or the best for a fixed one. "
+        "On a GPU, torch with dtype left unset runs bfloat16 where the GPU has it (Ampere and later), else float16; "
+        "float32 only when set explicitly.",
     )
     cache_dir: str | None = Field(
         None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,14 @@ def apply(ds: Any, stage: TaskStage | ActorStage) -> Any:
     """`ds.map_batches` for one stage, with its resources and fault settings."""
     import ray.data
 
+    with warnings.catch_warnings():  # max_retries & co have no named parameter yet (Ray 2.60)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        return _map_batches(ds, stage)
+
+
+def _map_batches(ds: Any, stage: TaskStage | ActorStage) -> Any:
+    import ray.data
+
     common = {"batch_format": "pyarrow", "batch_size": stage.batch_size, "zero_copy_batch": True}
     if isinstance(stage, TaskStage):
         extra = {"memory": stage.memory} if stage.memory else {}
@@ -81,10 +90,7 @@ def apply(ds: Any, stage: TaskStage | ActorStage) -> Any:
         extra["resources"] = dict(stage.resources)
     if stage.accelerator_type:
         extra["accelerator_type"] = stage.accelerator_type
-    import warnings
-
-    with warnings.catch_warnings():  # max_restarts / max_task_retries have no named parameter yet (Ray 2.60)
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+    if True:  # noqa: SIM108 - kept as a block beside the task stage's call
         return ds.map_batches(
             stage.cls,
             fn_constructor_kwargs=stage.constructor_kwargs,

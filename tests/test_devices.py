@@ -233,3 +233,21 @@ def test_gpu_check_peak_table():
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L4") == 121.0
     assert peak_tflops("Some Future GPU") is None
+
+
+def test_a_gpu_runs_bfloat16_unless_float32_is_asked(monkeypatch):
+    """model.dtype left at its default (float32, for CPUs) becomes bfloat16 on a GPU that has it (float16 on one
+    that does not); float32 set explicitly stays; a CPU keeps float32."""
+    import torch
+
+    from pipelines import backends
+    from pipelines.config import ModelConfig
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "cuda_bf16", lambda: True)
+    resolved, choice = backends.resolve_auto(ModelConfig(name_or_path="m"), cuda)
+    assert resolved.dtype == "bfloat16" and "GPU default" in choice["reason"]
+    assert backends.resolve_auto(ModelConfig(name_or_path="m", dtype="float32"), cuda)[0].dtype == "float32"
+    assert backends.resolve_auto(ModelConfig(name_or_path="m"), torch.device("cpu"))[0].dtype == "float32"
+    monkeypatch.setattr(backends, "cuda_bf16", lambda: False)
+    assert backends.resolve_auto(ModelConfig(name_or_path="m"), cuda)[0].dtype == "float16"
