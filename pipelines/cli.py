@@ -32,8 +32,8 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.job import plan_and_hold, plan_rerank, run_rerank
     from pipelines.config import RerankJobConfig, load_config
+    from pipelines.job import plan_and_hold, plan_rerank, run_rerank
     from pipelines.ray_runtime import joins_cluster
     from pipelines.storage import credentials_to_environment
 

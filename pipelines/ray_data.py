@@ -62,8 +62,6 @@ class ActorStage:
 
 def apply(ds: Any, stage: TaskStage | ActorStage) -> Any:
     """`ds.map_batches` for one stage, with its resources and fault settings."""
-    import ray.data
-
     with warnings.catch_warnings():  # max_retries & co have no named parameter yet (Ray 2.60)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         return _map_batches(ds, stage)
@@ -90,22 +88,21 @@ def _map_batches(ds: Any, stage: TaskStage | ActorStage) -> Any:
         extra["resources"] = dict(stage.resources)
     if stage.accelerator_type:
         extra["accelerator_type"] = stage.accelerator_type
-    if True:  # noqa: SIM108 - kept as a block beside the task stage's call
-        return ds.map_batches(
-            stage.cls,
-            fn_constructor_kwargs=stage.constructor_kwargs,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=stage.min_size,
-                max_size=max(stage.min_size, stage.max_size),
-                max_tasks_in_flight_per_actor=max(1, stage.in_flight),
-            ),
-            num_cpus=stage.num_cpus,
-            num_gpus=stage.num_gpus or None,
-            max_restarts=stage.max_restarts,
-            max_task_retries=stage.retries,
-            **common,
-            **extra,
-        )
+    return ds.map_batches(
+        stage.cls,
+        fn_constructor_kwargs=stage.constructor_kwargs,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=stage.min_size,
+            max_size=max(stage.min_size, stage.max_size),
+            max_tasks_in_flight_per_actor=max(1, stage.in_flight),
+        ),
+        num_cpus=stage.num_cpus,
+        num_gpus=stage.num_gpus or None,
+        max_restarts=stage.max_restarts,
+        max_task_retries=stage.retries,
+        **common,
+        **extra,
+    )
 
 
 @contextlib.contextmanager

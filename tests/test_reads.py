@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.config import ModelConfig
 from pipelines.job import plan_rerank, run_rerank
 from pipelines.job.stages import chains_of
-from pipelines.config import ModelConfig
 from pipelines.reads import Unit, UnitReader, plan_units, read_footers
 from pipelines.records import detect_layout
 from pipelines.scoring import Scorer

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.job import plan_rerank, run_rerank
 from pipelines.config import ModelConfig, StorageConfig
 from pipelines.errors import ConfigError, InputError, OutputError
+from pipelines.job import plan_rerank, run_rerank
 from pipelines.progress import Lease, Progress
 from pipelines.scoring import Scorer
 from pipelines.storage import Storage, credentials_to_environment
