@@ -371,8 +371,9 @@ class ScaleConfig(_Strict):
     unit_retries: int = Field(
         3,
         ge=0,
-        description="Times a unit's stage is retried after its worker or actor died, or a storage error; past "
-        "that the job fails (a unit that kills every actor is not retried forever).",
+        description="Times a unit's read or commit task is retried after its worker died or a storage error; "
+        "past that the job fails. A lost model actor's units wait for its restart (max_restarts bounds a unit that "
+        "kills its actor each time).",
     )
     actor_start_timeout_s: float = Field(
         900.0,

@@ -85,5 +85,7 @@ def model_stage(model: ModelConfig, scale: ScaleConfig, pool: dict[str, Any]) ->
         accelerator_type=pool["accelerator_type"],
         in_flight=pool["batches_in_flight"],
         max_restarts=scale.max_restarts,
-        retries=scale.unit_retries,
+        # A lost actor's units wait for it to restart (Ray retries them on it, as often as it takes; a unit that
+        # kills its actor each time is bounded by max_restarts); a pool with no actor left is the stall guard's.
+        retries=-1,
     )

@@ -27,6 +27,14 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 TOP_N = 3
 
 
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> str:
+    """A model that takes its time (the simulated accelerator, 60 pairs/s) so that both actors hold units."""
+    from tests.tiny_models import build_simulated_accelerator
+
+    return str(build_simulated_accelerator(tmp_path_factory.mktemp("models") / "slow", pairs_per_s=60.0))
+
+
 @pytest.fixture
 def cluster(monkeypatch):
     """Head (the driver's node, no accelerator) + two workers with {"accel": 1}, all on 127.0.0.1, in a private
@@ -67,7 +75,7 @@ def _config(tmp_path, model: str, src, **scale):
         {
             "input": {"uri": str(src)},
             "output": {"uri": str(tmp_path / "out"), "top_n": TOP_N},
-            "model": {"name_or_path": model, "max_length": 96, "batch_size": 8},
+            "model": {"name_or_path": model, "max_length": 96, "batch_size": 8, "trust_remote_code": True},
             "scale": {"num_actors": 2, "num_cpus_per_actor": 1, "unit_rows": 4, "actor_resources": {"accel": 1}}
             | scale,
         },
@@ -114,7 +122,7 @@ def _remove_mid_job(c, workers, lose: int, config, done: Path) -> dict:
 
 
 def _assert_reference_output(tmp_path, model: str, pairs: pd.DataFrame) -> None:
-    scores = Scorer(ModelConfig(name_or_path=model, max_length=96)).score(
+    scores = Scorer(ModelConfig(name_or_path=model, max_length=96, trust_remote_code=True)).score(
         pairs["query"].tolist(), pairs["text"].tolist()
     )
     got, ref = read_output(tmp_path / "out"), reference_top_n(pairs, scores, TOP_N)
@@ -123,13 +131,13 @@ def _assert_reference_output(tmp_path, model: str, pairs: pd.DataFrame) -> None:
     np.testing.assert_allclose(got["score"], ref["score"], atol=1e-4)
 
 
-def test_worker_node_removed_mid_job(cluster, tmp_path, tiny_cross_encoder):
+def test_worker_node_removed_mid_job(cluster, tmp_path, slow_model):
     import ray
 
     c, workers = cluster
     pairs = make_pairs(num_queries=60, per_query=9, seed=7)
     src = write_flat(pairs, tmp_path / "in", files=3)
-    config = _config(tmp_path, tiny_cross_encoder, src)
+    config = _config(tmp_path, slow_model, src)
     result = _remove_mid_job(c, workers, 1, config, tmp_path / "out" / "_work" / "done")
     assert "error" not in result, result.get("error")
     summary = result["summary"]
@@ -137,11 +145,11 @@ def test_worker_node_removed_mid_job(cluster, tmp_path, tiny_cross_encoder):
     assert summary.pairs_in == summary.pairs_scored == len(pairs)
     head = ray.get_runtime_context().get_node_id()
     assert head not in summary.scale["units_by_node"]  # scoring only on the nodes with the resource
-    _assert_reference_output(tmp_path, tiny_cross_encoder, pairs)
+    _assert_reference_output(tmp_path, slow_model, pairs)
 
 
-def test_every_worker_node_lost_then_resumed_on_a_new_one(cluster, tmp_path, tiny_cross_encoder):
-    """Both actors' nodes lost and no other node can host them: the job stops after actor_start_timeout_s with the
+def test_every_worker_node_lost_then_resumed_on_a_new_one(cluster, tmp_path, slow_model):
+    """Both actors' nodes lost and no other node can host them: the job stops after scale.stall_timeout_s with the
     reason instead of waiting forever; once a node is back (as an autoscaler would add one), --resume finishes
     with the output of an uninterrupted run, keeping the units done before."""
     from pipelines.job import JobError, run_rerank
@@ -149,7 +157,7 @@ def test_every_worker_node_lost_then_resumed_on_a_new_one(cluster, tmp_path, tin
     c, workers = cluster
     pairs = make_pairs(num_queries=60, per_query=9, seed=8)
     src = write_flat(pairs, tmp_path / "in", files=3)
-    config = _config(tmp_path, tiny_cross_encoder, src, actor_start_timeout_s=30, stall_timeout_s=30)
+    config = _config(tmp_path, slow_model, src, actor_start_timeout_s=30, stall_timeout_s=30)
     started = time.monotonic()
     result = _remove_mid_job(c, workers, 2, config, tmp_path / "out" / "_work" / "done")
     assert isinstance(result.get("error"), JobError), result
@@ -161,4 +169,4 @@ def test_every_worker_node_lost_then_resumed_on_a_new_one(cluster, tmp_path, tin
     c.add_node(num_cpus=2, resources={"accel": 1}, node_ip_address="127.0.0.1")
     summary = run_rerank(config.model_copy(update={"output": config.output.model_copy(update={"mode": "resume"})}))
     assert summary.units_resumed >= 4 and summary.pairs_in == summary.pairs_scored == len(pairs)
-    _assert_reference_output(tmp_path, tiny_cross_encoder, pairs)
+    _assert_reference_output(tmp_path, slow_model, pairs)

@@ -297,6 +297,11 @@ def _scoring_failure(err: BaseException, config, scale: dict[str, Any], finished
     cause = ray_cause(err)
     if cause is not None:
         return f"the scoring actor could not start: {cause}"
+    if type(err).__name__ in ("ActorDiedError", "ActorUnavailableError") or "ActorDiedError" in str(err):
+        return (
+            f"the model actors died and could not be restarted (scale.max_restarts {config.scale.max_restarts}) "
+            f"({kept}): {root_cause(err)}"
+        )
     return f"the scoring stages failed ({kept}): {root_cause(err)}"
 
 
