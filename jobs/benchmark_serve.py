@@ -4,8 +4,13 @@
 
 Starts `rerank serve` (a local Ray, 127.0.0.1, a free port) with a MiniLM-sized cross-encoder (or --model),
 sends `--clients` concurrent clients x `--requests` requests of `--docs` Cranfield abstracts each to
-/v2/rerank through the Cohere SDK, and prints latency percentiles and pairs/s; then scores the same pairs with
-the Scorer in one process for comparison. Figures, not asserts.
+/v2/rerank through the Cohere SDK, and prints latency percentiles and pairs/s beside the Scorer in this process on
+the same pairs with the same model settings (`--set model.*`), in calls of 512 pairs after a warm-up call. The
+offline figure is measured before the service starts and again after it stopped (never while it runs), so a load
+that other processes put on the machine meanwhile shows as a gap between the two; the ratio is against their mean.
+Beside wall-clock pairs/s it prints CPU seconds per pair (the service's process tree with the clients' process,
+against the offline Scorer's process), which other processes' load on the cores changes much less, and the share
+of the machine's busy CPU time that was not the benchmark's own. Figures, not asserts.
 """
 
 from __future__ import annotations
@@ -48,6 +53,54 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None
     raise SystemExit("service not healthy in time")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (0 for one that is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (Linux /proc; empty elsewhere): rerank serve's local Ray, replicas included."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy (not idle or waiting for I/O) since boot; 0 where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -60,15 +113,48 @@ def main() -> None:
 
     import cohere
     import numpy as np
+    import torch
+    import yaml
 
     from jobs.benchmark import minilm_cross_encoder
+    from pipelines import backends
+    from pipelines.config import ModelConfig
     from pipelines.evaluation.loaders import load_cranfield
+    from pipelines.scoring import Scorer
 
+    flags = " ".join(sorted(backends.cpu_flags() & set(backends.AUTO_FLAGS))) or "none"
+    print(f"CPU {backends.cpu_name()}, {os.cpu_count()} cores, flags {flags}")
+    print(f"load average at start (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     work = Path(tempfile.mkdtemp(prefix="rerank-serve-bench-"))
     model = args.model or minilm_cross_encoder(work / "model")
     c = load_cranfield()
     docs = [t for t in c.corpus.values() if t.strip()]
     queries = list(c.queries.values())
+    rng = np.random.default_rng(0)
+    jobs = [
+        (queries[int(rng.integers(len(queries)))], [docs[int(i)] for i in rng.integers(len(docs), size=args.docs)])
+        for _ in range(args.clients * args.requests)
+    ]
+    qs = [q for q, d in jobs for _ in d]
+    ps = [p for _, d in jobs for p in d]
+
+    # The offline Scorer with the same model settings as the service (e.g. --set model.backend=auto --set
+    # model.dtype=auto), so the ratio compares like with like; loaded (and warmed up) before the service starts.
+    torch.set_num_threads(os.cpu_count() or 1)
+    model_sets = dict(o.split("=", 1) for o in args.overrides if o.startswith("model."))
+    extra = {k.removeprefix("model."): yaml.safe_load(v) for k, v in model_sets.items()}
+    scorer = Scorer(ModelConfig(**{"name_or_path": model, "max_length": args.max_length, **extra}))
+    scorer.score(qs[:64], ps[:64])
+
+    def offline_pass() -> tuple[float, float]:
+        """(pairs/s, CPU seconds per pair) of the Scorer in this process, calls of 512 pairs."""
+        t, cpu = time.perf_counter(), self_cpu_seconds()
+        for i in range(0, len(qs), 512):
+            scorer.score(qs[i : i + 512], ps[i : i + 512])
+        return len(qs) / (time.perf_counter() - t), (self_cpu_seconds() - cpu) / len(qs)
+
+    offline = [offline_pass()]
+    print(f"offline before the service: {offline[0][0]:.1f} pairs/s")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -82,11 +168,6 @@ def main() -> None:
     try:
         wait_healthy(url, proc)
         client = cohere.ClientV2(api_key="unused", base_url=url, timeout=600)
-        rng = np.random.default_rng(0)
-        jobs = [
-            (queries[int(rng.integers(len(queries)))], [docs[int(i)] for i in rng.integers(len(docs), size=args.docs)])
-            for _ in range(args.clients * args.requests)
-        ]
 
         def one(job):
             q, d = job
@@ -95,10 +176,15 @@ def main() -> None:
             return time.perf_counter() - t
 
         client.rerank(model="m", query="warm up", documents=docs[:4])
+        tree = descendants(proc.pid)
+        busy, served, own = machine_busy_seconds(), cpu_seconds(tree), self_cpu_seconds()
         start = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             latencies = sorted(pool.map(one, jobs))
         wall = time.perf_counter() - start
+        served = cpu_seconds(tree) - served  # processes started meanwhile are not counted
+        own = self_cpu_seconds() - own  # the clients (the offline Scorer is idle meanwhile)
+        busy = machine_busy_seconds() - busy
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -107,37 +193,31 @@ def main() -> None:
             proc.kill()
 
     pairs = len(jobs) * args.docs
+    offline.append(offline_pass())
     pct = lambda p: latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
     print(
         f"\n{args.clients} clients x {args.requests} requests x {args.docs} documents, model {model}, "
-        f"max_length {args.max_length}, {os.cpu_count()} cores"
+        f"max_length {args.max_length}, {os.cpu_count()} cores, backend {scorer.config.backend} {scorer.config.dtype}"
     )
     print(
         f"service: {len(jobs)} requests in {wall:.1f} s: {pairs / wall:.1f} pairs/s, {len(jobs) / wall:.2f} req/s; "
         f"latency p50 {pct(50):.2f} s, p95 {pct(95):.2f} s, p99 {pct(99):.2f} s, mean {statistics.mean(latencies):.2f} s"
     )
-
-    import torch
-    import yaml
-
-    from pipelines.config import ModelConfig
-    from pipelines.scoring import Scorer
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    # The same model settings as the service (e.g. --set model.backend=auto --set model.dtype=auto), so the ratio
-    # compares like with like.
-    model_sets = dict(o.split("=", 1) for o in args.overrides if o.startswith("model."))
-    extra = {k.removeprefix("model."): yaml.safe_load(v) for k, v in model_sets.items()}
-    scorer = Scorer(ModelConfig(**{"name_or_path": model, "max_length": args.max_length, **extra}))
-    qs = [q for q, d in jobs for _ in d]
-    ps = [p for _, d in jobs for p in d]
-    t = time.perf_counter()
-    for i in range(0, len(qs), 512):
-        scorer.score(qs[i : i + 512], ps[i : i + 512])
-    offline = len(qs) / (time.perf_counter() - t)
+    rate = statistics.mean(r for r, _ in offline)
+    per_pair = statistics.mean(c for _, c in offline)
     print(
-        f"Scorer in one process on the same pairs: {offline:.1f} pairs/s; service/offline = {pairs / wall / offline:.2f}"
+        f"Scorer in one process on the same pairs: {offline[0][0]:.1f} pairs/s before the service, "
+        f"{offline[1][0]:.1f} after; service/offline = {pairs / wall / rate:.2f} (against their mean {rate:.1f})"
     )
+    if busy > 0:
+        service_cpu = (served + own) / pairs
+        print(
+            f"CPU per pair: service {1000 * service_cpu:.1f} ms ({1000 * served / pairs:.1f} ms its processes, "
+            f"{1000 * own / pairs:.1f} ms the clients), offline {1000 * per_pair:.1f} ms: offline/service = "
+            f"{per_pair / service_cpu:.2f}; other processes used {max(0.0, busy - served - own) / busy:.0%} of the "
+            f"machine's busy CPU time during the service pass ({busy / wall / (os.cpu_count() or 1):.0%} busy)"
+        )
+    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

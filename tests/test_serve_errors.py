@@ -115,7 +115,7 @@ def test_a_request_the_model_fails_on_never_fails_its_batch(model_path, scorer):
 
     replica._model_outputs = poisoned
     bad_docs = [DOCS[0], "a poison document"]
-    limits = (8, replica._max_batch_tokens)
+    limits = replica._call_limits
     chunks = [_Chunk(i, q, DOCS[:3], 0, limits) for i, q in enumerate(CLEAN_QUERIES[:24])]
     chunks.insert(3, _Chunk(100, QUERY, bad_docs, 0, limits))
     chunks.insert(17, _Chunk(101, QUERY, bad_docs, 0, limits))
@@ -141,9 +141,50 @@ def test_a_request_the_model_fails_on_never_fails_its_batch(model_path, scorer):
         asyncio.run(replica._score(QUERY, bad_docs))
     assert err.value.status == 500 and "RuntimeError" in err.value.message
     assert set(err.value.body()) == ERROR_KEYS and err.value.body()["error_type"] == "internal"
-    raw, unit = asyncio.run(replica._score(QUERY, DOCS))
+    raw, _unit = asyncio.run(replica._score(QUERY, DOCS))
     assert np.allclose(raw, scorer.score([QUERY] * len(DOCS), DOCS), atol=1e-4)
     assert replica.stats()["pending_pairs"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_model_call_takes_every_request_that_arrived_during_the_last(model_path, scorer):
+    """The replica's batcher outside Serve, the model made slow: 13 requests of 5 documents come in while the
+    first call runs, and the next call takes all that fit in serve.max_batch_pairs (12), in arrival order, the
+    one after it the rest, each request getting its own scores back; a large request is spread over calls within
+    the limit. (@serve.batch formed its next batches while a call ran, from whatever came in a
+    batch_wait_timeout_s window: calls of a request or two under load.)"""
+    from pipelines.serve.app import RerankService
+
+    ours = RerankService.func_or_class.__mro__[1]
+    replica = object.__new__(ours)
+    ours.__init__(replica, _config(model_path, max_batch_pairs=64).model_dump(mode="json", exclude_unset=True))
+    real = replica._model_outputs
+    calls: list[list[str]] = []
+
+    def slow(queries, passages):
+        calls.append(list(dict.fromkeys(queries)))
+        time.sleep(0.3)
+        return real(queries, passages)
+
+    replica._model_outputs = slow
+    queries = CLEAN_QUERIES[:13]
+
+    async def flood():
+        first = asyncio.ensure_future(replica._score(QUERY, DOCS))
+        await asyncio.sleep(0.1)  # the first call is running
+        rest = [asyncio.ensure_future(replica._score(q, DOCS)) for q in queries]
+        return await first, await asyncio.gather(*rest)
+
+    (raw, _), rest = asyncio.run(flood())
+    assert calls == [[QUERY], queries[:12], queries[12:]], calls  # 12 x 5 pairs fit in 64; the 13th waits
+    for q, (got, _) in zip([QUERY, *queries], [(raw, None), *rest], strict=True):
+        assert np.allclose(got, scorer.score([q] * len(DOCS), DOCS), atol=1e-4)
+    calls.clear()
+    docs = [f"{DOCS[i % len(DOCS)]} {i}" for i in range(150)]
+    raw, _ = asyncio.run(replica._score(QUERY, docs))
+    assert np.allclose(raw, scorer.score([QUERY] * len(docs), docs), atol=1e-4)
+    assert len(calls) == 3 and replica.stats()["max_batch_pairs"] <= 64
+    assert replica.stats()["pending_pairs"] == 0 and replica._waiting_pairs == 0
 
 
 # ---------------------------------------------------------------------------------------------- in-process Ray

@@ -1,12 +1,17 @@
 """The Ray Serve application: one deployment, a FastAPI ingress speaking every API, dynamic batching.
 
 Each replica loads one ``Scorer`` (the batch job's scoring code, with ``activation: none`` so the raw score is
-the batch job's number) before Serve routes anything to it. A request is validated, split into chunks, and the
-chunks of all waiting requests are scored together by ``@serve.batch`` up to ``serve.max_batch_pairs`` pairs and
-the model's token budget (``model.max_batch_tokens`` padded tokens, estimated from characters) per model call, so
-many small requests share a call and one large request spreads over several. A request is checked whole before
-it joins a batch; if the model still raises on a batch, its requests are scored again in halves, so only the
-request it fails on gets a 500 (every error in the documented body of ``pipelines.serve.api.ApiError``).
+the batch job's number) before Serve routes anything to it. A request is validated, split into chunks of at most
+``serve.max_batch_pairs`` pairs, and the chunks of all waiting requests are scored together, up to
+``serve.max_batch_pairs`` pairs per model call, so many small requests share a call and one large request spreads
+over several. A call is formed when the model is free (``RerankService._run_batches``), so every request that
+arrived during a call joins the next one; Serve's ``@serve.batch`` forms its next batch while the previous one
+still runs, from the requests of a ``batch_wait_timeout_s`` window, which left calls of a request or two under load.
+One model call is one ``Scorer`` call, as in the batch job: the Scorer sorts the call's pairs by length and runs
+them in forward passes of up to ``model.max_batch_tokens`` padded tokens, so pairs of different requests share
+padded micro-batches of similar length. A request is checked whole before it joins a call; if the model still
+raises on a call, its requests are scored again in halves, so only the request it fails on gets a 500 (every
+error in the documented body of ``pipelines.serve.api.ApiError``).
 
 Overload is refused, never queued without bound: the proxy answers 503 + Retry-After past
 ``serve.max_queued_requests`` waiting requests, and a replica answers the same past ``serve.max_queued_pairs``
@@ -22,6 +27,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +185,7 @@ class _Metrics:
 
 @dataclass
 class _Chunk:
-    """Up to one micro-batch of one request's documents: the unit @serve.batch gathers."""
+    """Up to one model call of one request's documents: the unit the replica's batcher gathers."""
 
     request_id: int
     query: str
@@ -193,8 +199,8 @@ def _pairs_in(chunks: list[_Chunk]) -> int:
 
 
 def _batch_cost(chunks: list[_Chunk]) -> int:
-    """@serve.batch's size of a model call, against max_batch_size = max_pairs x max_tokens: within it exactly
-    when both the pairs and the padded tokens are within their limits."""
+    """The size of a model call, against max_pairs x max_tokens: within it exactly when both the pairs and the
+    padded tokens are within their limits (the replica's batcher counts the same, incrementally)."""
     max_pairs, max_tokens = chunks[0].limits
     return max(_pairs_in(chunks) * max_tokens, sum(c.tokens for c in chunks) * max_pairs)
 
@@ -218,12 +224,6 @@ def _split(
     if texts:
         out.append((start, len(texts), min(max_tokens, (len(texts) - start) * longest)))
     return out
-
-
-class _BatchSizeWarningFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("`max_batch_size`" in msg and "`max_ongoing_requests`" in msg)
 
 
 def _retry_after(seconds: int) -> dict[str, str]:
@@ -280,15 +280,18 @@ class RerankService:
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
         self._check_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-check")
         self._check_tokenizer = copy.deepcopy(self.scorer.tokenizer)
-        self._chunk_pairs = max(1, min(s.max_batch_pairs, model_config.batch_size))
         self._pending_pairs = 0
         self._next_request_id = 0
         self._stats = {"requests": 0, "batches": 0, "pairs": 0, "max_batch_pairs": 0, "max_batch_requests": 0}
-        # Serve warns when max_batch_size exceeds max_ongoing_requests, counting requests; ours counts pairs.
-        logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
-        self._max_batch_tokens = self.scorer.max_batch_tokens
-        self._score_chunks.set_max_batch_size(s.max_batch_pairs * self._max_batch_tokens)
-        self._score_chunks.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        # A model call is one Scorer call of up to max_batch_pairs pairs: the Scorer sorts them by length and cuts
+        # them into forward passes within model.max_batch_tokens. The call's token limit is what max_batch_pairs
+        # pairs of max_length tokens hold, so only the pair count bounds a call.
+        self._call_limits = (s.max_batch_pairs, s.max_batch_pairs * self.scorer.max_length)
+        # Chunks waiting for the model, in arrival order, and the task that feeds them to it (_run_batches).
+        self._waiting: deque[tuple[_Chunk, asyncio.Future]] = deque()
+        self._waiting_pairs = 0
+        self._batcher: asyncio.Task | None = None
+        self._call_full: asyncio.Future | None = None  # set once a call's worth of pairs waits
         # The key is read from this replica's environment by the auth middleware: it never travels through Ray
         # (constructor arguments, runtime_env, the Serve config and the pickled app are all stored by Ray).
         app.state.api_key_env = s.api_key_env  # the variable's name only
@@ -298,14 +301,16 @@ class RerankService:
         self._unhealthy: str | None = None  # why the last health check failed
         app.state.metrics = _Metrics.create()
         log.info(
-            "rerank replica ready: model %s (%s, %s, %s %s), batches of up to %d pairs and %d padded tokens",
+            "rerank replica ready: model %s (%s, %s, %s %s, %d threads), model calls of up to %d pairs, forward "
+            "passes of up to %d padded tokens",
             self.model_name,
             self.kind,
             self.scorer.info.device,
-            model_config.backend,
-            model_config.dtype,
-            s.max_batch_pairs,
-            self._max_batch_tokens,
+            self.scorer.config.backend,
+            self.scorer.config.dtype,
+            model_config.num_threads,
+            self._call_limits[0],
+            self.scorer.max_batch_tokens,
         )
 
     # ------------------------------------------------------------------ routes
@@ -487,7 +492,7 @@ class RerankService:
         self._stats["requests"] += 1
         request_id = self._next_request_id
         try:
-            limits = (self._chunk_pairs, self._max_batch_tokens)
+            limits = self._call_limits
             chunks = _split(query, texts, *limits, self.scorer.max_length)
             parts = await asyncio.gather(
                 *(self._score_chunks(_Chunk(request_id, query, texts[a:b], t, limits)) for a, b, t in chunks)
@@ -511,11 +516,61 @@ class RerankService:
             return self.scorer.score(queries, passages)[:, None]
         return self.scorer.logits(queries, passages)
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=_batch_cost)
-    async def _score_chunks(self, chunks: list[_Chunk]) -> list[np.ndarray | Exception]:
-        """Each chunk's scores, or the error the model raised on its request alone: never raises, so one
-        request's failure never fails the other requests of the batch."""
-        return await self._score_isolated(chunks)
+    async def _score_chunks(self, chunk: _Chunk) -> np.ndarray | Exception:
+        """One chunk's scores, or the error the model raised on its request alone (never raised here, so one
+        request's failure never fails the other requests of its call). The chunk joins the next model call."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((chunk, future))
+        self._waiting_pairs += len(chunk.texts)
+        if self._call_full is not None and not self._call_full.done() and self._waiting_pairs >= self._call_limits[0]:
+            self._call_full.set_result(None)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = loop.create_task(self._run_batches())
+        return await future
+
+    async def _run_batches(self) -> None:
+        """Feed the model while chunks wait: each call takes the waiting chunks in arrival order up to
+        serve.max_batch_pairs pairs, formed when the model is free (so the chunks that arrived during a call all
+        join the next one, up to the limit). A call that would be short of the limit first waits up to
+        serve.batch_wait_timeout_s for more requests (cut short once the limit is reached)."""
+        loop = asyncio.get_running_loop()
+        max_pairs, max_tokens = self._call_limits
+        wait_s = self.config.serve.batch_wait_timeout_s
+        while self._waiting:
+            if wait_s > 0 and self._waiting_pairs < max_pairs:
+                self._call_full = loop.create_future()
+                try:
+                    await asyncio.wait([self._call_full], timeout=wait_s)
+                finally:
+                    self._call_full = None
+            chunks: list[_Chunk] = []
+            futures: list[asyncio.Future] = []
+            pairs = tokens = 0  # as _batch_cost counts them
+            while self._waiting:
+                chunk, future = self._waiting[0]
+                n, t = pairs + len(chunk.texts), tokens + chunk.tokens
+                if chunks and max(n * max_tokens, t * max_pairs) > max_pairs * max_tokens:
+                    break
+                self._waiting.popleft()
+                self._waiting_pairs -= len(chunk.texts)
+                if not future.done():  # a request that went away (client disconnected) is not scored
+                    chunks.append(chunk)
+                    futures.append(future)
+                    pairs, tokens = n, t
+            if not chunks:
+                continue
+            try:
+                results: list[Any] = await self._score_isolated(chunks)
+            except Exception as err:  # noqa: BLE001 - not expected (_score_isolated returns errors): each caller gets it
+                results = [err] * len(chunks)
+            except BaseException:  # cancelled (the replica is stopping): so are the callers
+                for future in futures:
+                    future.cancel()
+                raise
+            for future, result in zip(futures, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
     async def _score_isolated(self, chunks: list[_Chunk]) -> list[np.ndarray | Exception]:
         """One model call for all chunks; if it raises, their requests are scored again in two halves (and so on),
