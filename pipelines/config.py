@@ -600,14 +600,14 @@ class ServeConfig(_Strict):
     max_batch_pairs: int = Field(
         256,
         ge=1,
-        description="(query, document) pairs scored in one model call, gathered from all waiting requests; a call "
-        "also stays within model.max_batch_tokens padded tokens (estimated from characters). Larger: better "
-        "throughput, longer waits.",
+        description="(query, document) pairs scored in one model call, gathered when the model is free from all "
+        "waiting requests; the Scorer runs a call in length-sorted forward passes of model.max_batch_tokens padded "
+        "tokens. Larger: better throughput, longer waits.",
     )
     batch_wait_timeout_s: float = Field(
         0.01,
         ge=0,
-        description="How long a batch waits for more requests once the first arrives: latency vs batch size.",
+        description="How long a model call short of max_batch_pairs waits for more requests: latency vs call size.",
     )
     max_documents: int = Field(
         10_000,
