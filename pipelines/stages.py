@@ -66,24 +66,6 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(io.BytesIO(data)).read_all()
 
 
-def encode_batch(batch: pa.Table, *, model: ModelConfig, query: str, text: str) -> pa.Table:
-    """A batch of the user's rows -> one row: its pairs' model inputs and the rows themselves (``_rows``)."""
-    queries = batch.column(query).to_pylist()
-    texts = batch.column(text).to_pylist()
-    cols = encode_pairs(model, queries, texts)
-    cols["_rows"] = ipc_bytes(batch)
-    return pa.table({k: pa.array([v], pa.large_binary()) for k, v in cols.items()})
-
-
-def unpack_scores(batch: pa.Table, *, score: str) -> pa.Table:
-    """The model stage's rows -> the user's rows with a float32 `score` column."""
-    tables = []
-    for rows, scores in zip(batch.column("_rows").to_pylist(), batch.column(SCORES).to_pylist()):
-        table = from_ipc(rows)
-        tables.append(table.append_column(score, pa.array(np.frombuffer(scores, dtype=np.float32))))
-    return pa.concat_tables(tables)
-
-
 class ModelStage:
     """One model copy (a Ray Data actor): scores the rows' pairs, drops their model inputs, keeps the rest.
 

@@ -275,20 +275,13 @@ def _scoring_failure(err: BaseException, config, scale: dict[str, Any], finished
 
     kept = f"{finished} of {total} units done; rerun with --resume to keep them"
     if isinstance(err, ray.exceptions.GetTimeoutError) or "Timed out while starting actors" in str(err):
-        lacks = (
-            f"{scale['num_cpus_per_actor']:g} CPU / {scale['num_gpus_per_actor']:g} GPU"
-            f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''}"
-            f"{' on ' + scale['accelerator_type'] + ' nodes' if scale['accelerator_type'] else ''} per model actor"
-        )
+        lacks = _actor_needs(scale)
         return (
             f"no model actor started within {config.scale.actor_start_timeout_s:.0f} s: the cluster lacks {lacks} "
             f"(it has {scale['cluster_gpus']['now']:g} GPU(s) up, and can have {scale['cluster_gpus']['most']})"
         )
     if type(err).__name__ == "ExecutionTimeoutError" or "made no progress" in str(err):
-        lacks = (
-            f"{scale['num_cpus_per_actor']:g} CPU / {scale['num_gpus_per_actor']:g} GPU"
-            f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''} per model actor"
-        )
+        lacks = _actor_needs(scale)
         return (
             f"no unit moved for {config.scale.stall_timeout_s:.0f} s (scale.stall_timeout_s): the model actors are "
             f"gone and none could be placed again (the cluster lacks {lacks}), or a unit takes longer than that "
@@ -303,6 +296,15 @@ def _scoring_failure(err: BaseException, config, scale: dict[str, Any], finished
             f"({kept}): {root_cause(err)}"
         )
     return f"the scoring stages failed ({kept}): {root_cause(err)}"
+
+
+def _actor_needs(scale: dict[str, Any]) -> str:
+    """What one model actor reserves, for an error that says what the cluster lacked."""
+    return (
+        f"{scale['num_cpus_per_actor']:g} CPU / {scale['num_gpus_per_actor']:g} GPU"
+        f"{' / ' + str(scale['actor_resources']) if scale['actor_resources'] else ''}"
+        f"{' on ' + scale['accelerator_type'] + ' nodes' if scale['accelerator_type'] else ''} per model actor"
+    )
 
 
 def ray_cause(err: BaseException) -> str | None:
