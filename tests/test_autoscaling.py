@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import ray_runtime
-from pipelines.ray_runtime import cluster_gpus, gpus_from_autoscaling_config, gpus_from_cluster_config
+from pipelines.engine import ray_runtime
+from pipelines.engine.ray_runtime import cluster_gpus, gpus_from_autoscaling_config, gpus_from_cluster_config
 
 # ---------------------------------------------------------------------------------------------- parsing
 
@@ -380,7 +380,7 @@ def test_job_scores_on_the_gpu_nodes_the_autoscaler_adds(autoscaling, tmp_path):
 
     from pipelines.config import ModelConfig
     from pipelines.job import run_rerank
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
     from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat
     from tests.tiny_models import build_simulated_accelerator
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import backends
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
-from pipelines.scoring import Scorer, describe_model
+from pipelines.model import backends
+from pipelines.model.backends import export, selection
+from pipelines.model.scoring import Scorer, describe_model
 
 QUERIES = ["what is the boundary layer", "heat transfer at mach 3", "shock wave on a wing"] * 4
 PASSAGES = ["the boundary layer of a wing in supersonic flow " * (1 + i % 5) + f"case {i}" for i in range(len(QUERIES))]
@@ -22,7 +23,7 @@ AMX = VNNI_BF16 | {"amx_bf16", "amx_int8", "amx_tile"}
 
 
 def _flags(monkeypatch, flags) -> None:
-    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset(flags))
 
 
 def _auto(**kw) -> ModelConfig:
@@ -52,7 +53,7 @@ def test_auto_follows_the_cpu_flags(monkeypatch, flags, family, backend, dtype):
 
 
 def test_auto_without_the_cpu_backends_falls_back_to_torch(monkeypatch):
-    monkeypatch.setattr(backends, "_have", lambda b: b == "torch")
+    monkeypatch.setattr(selection, "_have", lambda b: b == "torch")
     _flags(monkeypatch, VNNI_BF16)
     resolved, choice = backends.resolve_auto(_auto(), torch.device("cpu"))
     assert (resolved.backend, resolved.dtype) == ("torch", "bfloat16")  # autocast: native bf16
@@ -110,11 +111,11 @@ def test_the_choice_is_recorded_where_the_model_is_described(tiny_cross_encoder,
     messages: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger("pipelines.backends")
+    logger = logging.getLogger("pipelines.model.backends")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    backends._LOGGED.clear()
+    selection._LOGGED.clear()
     try:
         scorer = Scorer(cfg.model_copy(update={"max_length": 128}))
         Scorer(cfg.model_copy(update={"max_length": 128}))
@@ -144,7 +145,7 @@ def test_onnx_float32_is_fused_and_matches_torch(tiny_cross_encoder, tiny_bi_enc
 
 
 def test_a_fusion_that_does_not_match_keeps_the_export(tiny_cross_encoder, tmp_path, monkeypatch):
-    monkeypatch.setattr(backends, "FUSION_TOLERANCE", -1.0)  # nothing matches
+    monkeypatch.setattr(export, "FUSION_TOLERANCE", -1.0)  # nothing matches
     scorer = Scorer(
         ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, backend="onnx", cache_dir=str(tmp_path))
     )
@@ -205,7 +206,7 @@ def test_a_pairs_score_does_not_depend_on_its_micro_batch(tiny_cross_encoder, tm
 
 def test_auto_combination_is_checked_like_any_other(tiny_cross_encoder, monkeypatch):
     _flags(monkeypatch, AVX2)
-    monkeypatch.setattr(backends, "_have", lambda b: b == "torch")
+    monkeypatch.setattr(selection, "_have", lambda b: b == "torch")
     cfg = ModelConfig(name_or_path=tiny_cross_encoder, backend="auto", dtype="int8")
     with pytest.raises(ConfigError, match="deprecated"):  # int8 asked for, and only torch installed
         describe_model(cfg)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import backends
 from pipelines.config import ModelConfig
+from pipelines.engine.ray_runtime import joins_cluster
 from pipelines.errors import ConfigError
-from pipelines.scoring import Scorer, cut_micro_batches, describe_model
+from pipelines.model import backends
+from pipelines.model.backends import selection
+from pipelines.model.scoring import Scorer, cut_micro_batches, describe_model
 
 QUERIES = ["what is the boundary layer", "heat transfer at mach 3", "shock wave on a wing"] * 8
 PASSAGES = ["the boundary layer of a wing in supersonic flow " * (1 + i % 5) + f"case {i}" for i in range(len(QUERIES))]
@@ -161,17 +163,17 @@ def test_a_cluster_job_is_checked_on_its_actors_device(tiny_cross_encoder, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fp16 = ModelConfig(name_or_path=tiny_cross_encoder, dtype="float16")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert backends.planned_device(fp16) == torch.device("cpu")  # a local Ray: the actors are on this machine
+    assert backends.planned_device(fp16, joins_cluster()) == torch.device("cpu")  # a local Ray: the actors are on this machine
     with pytest.raises(ConfigError, match="no fast float16 CPU kernels"):
         describe_model(fp16)
     assert describe_model(fp16, on_cluster=True)["device"] == "auto (the actors')"  # as `rerank submit` plans
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert backends.planned_device(fp16) is None
-    info = describe_model(fp16)  # float16 runs on the workers' GPUs
+    assert backends.planned_device(fp16, joins_cluster()) is None
+    info = describe_model(fp16, joins_cluster())  # float16 runs on the workers' GPUs
     assert info["device"] == "auto (the actors')" and info["max_batch_tokens"] == "auto"
     with pytest.raises(ConfigError, match="no fast float16 matmul"):  # no device runs onnx float16
         describe_model(ModelConfig(name_or_path=tiny_cross_encoder, backend="onnx", dtype="float16"))
-    assert backends.planned_device(fp16.model_copy(update={"device": "cpu"})) == torch.device("cpu")
+    assert backends.planned_device(fp16.model_copy(update={"device": "cpu"}), True) == torch.device("cpu")
 
     assert backends.actor_device(fp16, 1.0) == torch.device("cuda")
     assert backends.actor_device(fp16, 0.5) == torch.device("cuda")
@@ -184,16 +186,16 @@ def test_a_cluster_job_is_checked_on_its_actors_device(tiny_cross_encoder, monke
 
 
 def test_float16_openvino_refused_without_native_support(tiny_cross_encoder, monkeypatch):
-    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(ConfigError, match="avx512_fp16"):
         describe_model(ModelConfig(name_or_path=tiny_cross_encoder, backend="openvino", dtype="float16"))
 
 
 def test_bfloat16_without_native_support_warns(tiny_cross_encoder, monkeypatch, caplog):
-    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset({"avx2"}))
     warned = backends.check_backend(ModelConfig(name_or_path=tiny_cross_encoder, dtype="bfloat16"), torch.device("cpu"))
     assert len(warned) == 1 and "no native bfloat16" in warned[0]
-    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert (
         backends.check_backend(ModelConfig(name_or_path=tiny_cross_encoder, dtype="bfloat16"), torch.device("cpu"))
         == []
@@ -205,7 +207,7 @@ def test_bfloat16_without_native_support_warns(tiny_cross_encoder, monkeypatch, 
 def test_micro_batches_fill_a_token_budget(tiny_cross_encoder):
     scorer = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128, max_batch_tokens=100, batch_size=6))
     lengths = [int(x) for x in np.random.default_rng(0).integers(3, 60, size=200)] + [150]
-    ordered = np.sort(lengths)[::-1]  # units come sorted, longest first (pipelines.encoding)
+    ordered = np.sort(lengths)[::-1]  # units come sorted, longest first (pipelines.model.encoding)
     batches = cut_micro_batches(ordered, scorer.max_batch_tokens, scorer.config.batch_size)
     assert batches[0][0] == 0 and batches[-1][1] == len(lengths)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(batches))  # contiguous slices, nothing left out
@@ -222,7 +224,7 @@ def test_micro_batches_fill_a_token_budget(tiny_cross_encoder):
 
 def test_tokenisation_runs_ahead_in_blocks(tiny_cross_encoder, monkeypatch):
     """Many blocks: results stay in input order, whatever the block boundaries."""
-    from pipelines import scoring
+    from pipelines.model import scoring
 
     plain = Scorer(ModelConfig(name_or_path=tiny_cross_encoder, max_length=128))
     expected = plain.score(QUERIES * 3, PASSAGES * 3)

@@ -13,7 +13,7 @@ import pytest
 from pipelines.config import ModelConfig, RerankJobConfig
 from pipelines.errors import ConfigError, InputError, OutputError
 from pipelines.job import plan_rerank, run_rerank
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat, write_packed
 
 pytestmark = pytest.mark.timeout(300)

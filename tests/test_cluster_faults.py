@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from pipelines.config import ModelConfig, validate_config
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, write_flat
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.backends import actor_device
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
+from pipelines.model.backends import actor_device
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_an_out_of_memory_batch_is_split_and_scores_are_unchanged(tiny_cross_enc
     fits; the scores equal the unsplit reference and later batches start below the failing size."""
     import numpy as np
 
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
     from tests.datasets import make_pairs
 
     pairs = make_pairs(num_queries=6, per_query=9, seed=7)
@@ -63,7 +63,7 @@ def test_an_out_of_memory_batch_is_split_and_scores_are_unchanged(tiny_cross_enc
 
 def test_gpu_token_budget_formula():
     """budget = fraction x (free - weights) / (layers x hidden x k x dtype bytes), clamped and rounded down."""
-    from pipelines.backends import gpu_batch_tokens
+    from pipelines.model.backends import gpu_batch_tokens
 
     gib = 1 << 30
     # BERT-base in bfloat16: 12 x 768 x 16 x 2 = 294,912 bytes per token.
@@ -80,8 +80,8 @@ def test_gpu_token_budget_formula():
 def test_auto_budget_reads_free_memory_before_the_weights_load(monkeypatch):
     from types import SimpleNamespace
 
-    from pipelines import backends
-    from pipelines.scoring import max_batch_tokens
+    from pipelines.model import backends
+    from pipelines.model.scoring import max_batch_tokens
 
     bert = SimpleNamespace(
         num_hidden_layers=12, hidden_size=768, intermediate_size=3072, vocab_size=30522, max_position_embeddings=512
@@ -105,7 +105,7 @@ def test_auto_budget_reads_free_memory_before_the_weights_load(monkeypatch):
 
 
 def test_dtype_auto_on_cuda_is_bfloat16_where_supported(monkeypatch):
-    from pipelines import backends
+    from pipelines.model import backends
 
     cfg = ModelConfig(name_or_path="m", backend="auto", dtype="auto")
     cuda = torch.device("cuda")
@@ -123,7 +123,7 @@ def test_one_device_to_host_copy_per_call(tiny_cross_encoder):
     """Micro-batch outputs stay where the backend computed them; score_encoded gathers them once."""
     import numpy as np
 
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
     from tests.datasets import make_pairs
 
     pairs = make_pairs(num_queries=4, per_query=10, seed=3)
@@ -152,7 +152,7 @@ def test_one_device_to_host_copy_per_call(tiny_cross_encoder):
 def test_cuda_bfloat16_matches_cpu_float32(tiny_cross_encoder):
     import numpy as np
 
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
     from tests.datasets import make_pairs
 
     pairs = make_pairs(num_queries=4, per_query=10, seed=3)
@@ -240,14 +240,15 @@ def test_a_gpu_runs_bfloat16_unless_float32_is_asked(monkeypatch):
     that does not); float32 set explicitly stays; a CPU keeps float32."""
     import torch
 
-    from pipelines import backends
     from pipelines.config import ModelConfig
+    from pipelines.model import backends
+    from pipelines.model.backends import selection
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(backends, "cuda_bf16", lambda: True)
+    monkeypatch.setattr(selection, "cuda_bf16", lambda: True)
     resolved, choice = backends.resolve_auto(ModelConfig(name_or_path="m"), cuda)
     assert resolved.dtype == "bfloat16" and "GPU default" in choice["reason"]
     assert backends.resolve_auto(ModelConfig(name_or_path="m", dtype="float32"), cuda)[0].dtype == "float32"
     assert backends.resolve_auto(ModelConfig(name_or_path="m"), torch.device("cpu"))[0].dtype == "float32"
-    monkeypatch.setattr(backends, "cuda_bf16", lambda: False)
+    monkeypatch.setattr(selection, "cuda_bf16", lambda: False)
     assert backends.resolve_auto(ModelConfig(name_or_path="m"), cuda)[0].dtype == "float16"

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import ModelConfig
-from pipelines.encoding import CrossEncoderPairs, Encoded, PairEncoder, PromptPairs, TextEncoder
 from pipelines.errors import ConfigError
-from pipelines.evaluation.loaders import load_cranfield
-from pipelines.scoring import Scorer, pad_units
+from pipelines.io.collections import load_cranfield
+from pipelines.model.encoding import CrossEncoderPairs, Encoded, PairEncoder, PromptPairs, TextEncoder
+from pipelines.model.scoring import Scorer, pad_units
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "<|im_start|>user\n<Query>: {query}\n<Document>: {text}<|im_end|>\n<|im_start|>assistant\n"
@@ -204,17 +204,17 @@ def test_vectorised_padding_equals_the_row_loop(left):
 
 def test_the_encoding_module_needs_no_torch_ray_or_pydantic():
     code = (
-        "import sys; import pipelines.encoding, pipelines.scoring; "
+        "import sys; import pipelines.model.encoding, pipelines.model.scoring; "
         "bad = [m for m in ('ray', 'pydantic', 'pipelines.config') if m in sys.modules]; "
         "assert not bad, bad; "
-        "import pipelines.backends; print('ok')"
+        "import pipelines.model.backends; print('ok')"
     )
     res = subprocess.run(
         [sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
     # encoding alone imports no torch either (a CPU stage may run where torch is not installed)
-    code = "import sys, pipelines.encoding; assert 'torch' not in sys.modules; print('ok')"
+    code = "import sys, pipelines.model.encoding; assert 'torch' not in sys.modules; print('ok')"
     res = subprocess.run(
         [sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
     )

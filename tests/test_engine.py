@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.config import ModelConfig
 from pipelines.job import run_rerank
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat
 from tests.tiny_models import build_simulated_accelerator
 
@@ -71,7 +71,7 @@ def test_model_stage_on_the_gpu_node_the_cluster_declares(ray_gpu, tmp_path, sim
 def test_rerank_dataset_scores_pairs_and_ranks_packed_rows(ray_gpu, tiny_cross_encoder):
     import ray
 
-    from pipelines.dataset import rerank_dataset
+    from pipelines.engine.dataset_api import rerank_dataset
 
     pairs = make_pairs(num_queries=8, per_query=6, seed=5)
     model = {"name_or_path": tiny_cross_encoder, "max_length": 96}

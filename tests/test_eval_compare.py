@@ -13,7 +13,7 @@ import yaml
 from pipelines.cli import main
 from pipelines.config import EvalConfig, validate_config
 from pipelines.errors import ConfigError
-from pipelines.evaluation.loaders import read_trec_qrels, read_trec_run
+from pipelines.io.collections import read_trec_qrels, read_trec_run
 
 pytestmark = pytest.mark.timeout(400)
 

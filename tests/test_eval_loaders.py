@@ -10,8 +10,8 @@ import pytest
 
 from pipelines.config import EvalConfig, load_config
 from pipelines.errors import ConfigError, InputError
-from pipelines.evaluation import loaders
 from pipelines.evaluation.sweep import load_collection
+from pipelines.io import collections as loaders
 
 DATA = Path(__file__).parent / "data" / "eval"
 

@@ -153,7 +153,7 @@ def test_bm25_first_stage():
 
 
 def test_dense_first_stage_ranks_by_cosine(tmp_path):
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
     from tests.tiny_models import build_bi_encoder
 
     model = ModelConfig(name_or_path=str(build_bi_encoder(tmp_path / "bi")), kind="bi-encoder", max_length=64)

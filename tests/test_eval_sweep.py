@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
-from pipelines.evaluation.loaders import load_cranfield, read_trec_qrels, read_trec_run
+from pipelines.io.collections import load_cranfield, read_trec_qrels, read_trec_run
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,7 +19,7 @@ import pytest
 from pipelines.config import ModelConfig, RerankJobConfig
 from pipelines.errors import InputError, OutputError
 from pipelines.job import JobError, run_rerank
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat
 
 pytestmark = pytest.mark.timeout(300)

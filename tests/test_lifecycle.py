@@ -31,7 +31,7 @@ import requests
 import yaml
 
 from pipelines.config import ModelConfig
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, write_flat
 from tests.ports import free_port, port_open
 

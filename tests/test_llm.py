@@ -14,8 +14,8 @@ import yaml
 
 from pipelines.config import ModelConfig, validate_config
 from pipelines.errors import ConfigError
-from pipelines.evaluation.loaders import load_cranfield
-from pipelines.scoring import Scorer
+from pipelines.io.collections import load_cranfield
+from pipelines.model.scoring import Scorer
 
 pytestmark = pytest.mark.timeout(600)
 

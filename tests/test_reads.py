@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ModelConfig
+from pipelines.io.rows import detect_layout
+from pipelines.io.storage import Storage
+from pipelines.io.units import Unit, UnitReader, plan_units, read_footers
 from pipelines.job import plan_rerank, run_rerank
 from pipelines.job.stages import chains_of
-from pipelines.reads import Unit, UnitReader, plan_units, read_footers
-from pipelines.records import detect_layout
-from pipelines.scoring import Scorer
-from pipelines.storage import Storage
+from pipelines.model.scoring import Scorer
 from tests.datasets import WORDS, read_output, reference_top_n, small_job
 
 pytestmark = pytest.mark.timeout(400)
@@ -157,7 +157,7 @@ def test_the_plan_reads_each_footer_once(tmp_path, tiny_cross_encoder, monkeypat
         pq.write_table(
             pa.Table.from_pandas(pairs.iloc[i::4], preserve_index=False), src / f"p{i}.parquet", row_group_size=7
         )
-    from pipelines import reads
+    from pipelines.io import units as reads
 
     calls = []
     real = reads._read_range

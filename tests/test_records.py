@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines import records
 from pipelines.errors import InputError
+from pipelines.io import rows as records
 
 
 def scored(qids, docs, scores, fsr=None):

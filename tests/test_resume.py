@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipelines.config import ModelConfig
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, write_flat
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

@@ -15,7 +15,7 @@ import s3fs
 from pipelines.config import ModelConfig, RerankJobConfig, validate_config
 from pipelines.errors import InputError
 from pipelines.job import run_rerank
-from pipelines.scoring import Scorer
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, reference_top_n
 from tests.ray_cluster import start_local_ray
 

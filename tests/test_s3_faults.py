@@ -17,7 +17,7 @@ import s3fs
 
 from pipelines.config import StorageConfig
 from pipelines.errors import InputError, OutputError
-from pipelines.storage import Storage, s3_options
+from pipelines.io.storage import Storage, s3_options
 
 pytestmark = pytest.mark.timeout(120)
 

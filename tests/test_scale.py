@@ -23,9 +23,9 @@ import pytest
 import s3fs
 import yaml
 
+from pipelines.io.rows import layout_to_json
+from pipelines.io.units import plan_units
 from pipelines.job import hold_output, plan_rerank, run_rerank
-from pipelines.reads import plan_units
-from pipelines.records import layout_to_json
 from tests.datasets import WORDS, small_job
 from tests.ray_cluster import start_local_ray
 

@@ -8,7 +8,7 @@ import torch
 
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
-from pipelines.scoring import Scorer, describe_model
+from pipelines.model.scoring import Scorer, describe_model
 
 QUERIES = ["what is the boundary layer", "heat transfer at mach 3", "shock wave on a wing"] * 4
 PASSAGES = ["the boundary layer of a wing in supersonic flow " * (1 + i % 5) + f"case {i}" for i in range(len(QUERIES))]

@@ -51,7 +51,7 @@ def model_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def scorer(model_path):
     """The batch job's scorer in this process: each request's scores as if it had been scored alone."""
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
 
     return Scorer(ModelConfig(name_or_path=model_path, device="cpu", batch_size=8))
 

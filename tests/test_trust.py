@@ -24,10 +24,11 @@ import yaml
 
 from pipelines.config import ModelConfig, StorageConfig
 from pipelines.errors import ConfigError, InputError, OutputError
+from pipelines.io.commit import Progress
+from pipelines.io.lease import Lease
+from pipelines.io.storage import Storage, credentials_to_environment
 from pipelines.job import plan_rerank, run_rerank
-from pipelines.progress import Lease, Progress
-from pipelines.scoring import Scorer
-from pipelines.storage import Storage, credentials_to_environment
+from pipelines.model.scoring import Scorer
 from tests.datasets import make_pairs, read_output, reference_top_n, small_job, write_flat
 
 pytestmark = pytest.mark.timeout(300)
@@ -489,9 +490,9 @@ def test_a_run_that_finishes_between_the_plan_and_the_lease_is_noticed(
         json.dumps({"version": 2, "fingerprint": fingerprint, "join_partitions": 2, "units": None})
     )
     config = job(tmp_path, tiny_cross_encoder, src, output__mode="resume")
-    import pipelines.scoring
+    import pipelines.model.scoring
 
-    real = pipelines.scoring.describe_model
+    real = pipelines.model.scoring.describe_model
 
     def publish_meanwhile(*args, **kwargs):  # the other run publishes while this plan loads the tokenizer
         (out / "_summary.json").write_text(json.dumps({"fingerprint": fingerprint, "rows_written": 30}))
@@ -499,9 +500,9 @@ def test_a_run_that_finishes_between_the_plan_and_the_lease_is_noticed(
         shutil.rmtree(out / "_work")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipelines.scoring, "describe_model", publish_meanwhile)
+    monkeypatch.setattr(pipelines.model.scoring, "describe_model", publish_meanwhile)
     plan = plan_rerank(config)
-    monkeypatch.setattr(pipelines.scoring, "describe_model", real)
+    monkeypatch.setattr(pipelines.model.scoring, "describe_model", real)
     assert plan.state == "incomplete" and plan.seen == (False, True)
     with pytest.raises(OutputChanged, match="changed while this run was starting"):
         hold_output(plan)

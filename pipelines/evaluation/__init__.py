@@ -1,7 +1,8 @@
 """`rerank eval`: what a reranker buys on a test collection, as N_Base, K and N_Reranked.
 
-Modules: ``loaders`` (TREC, BEIR, JSONL/Parquet, SMART), ``first_stage`` (BM25, dense, run files),
-``metrics`` (ir_measures), ``costs`` (LLM context tokens and money), ``sweep`` (the run), ``report`` (files).
+Modules: ``first_stage`` (BM25, dense, run files),
+``metrics`` (ir_measures), ``costs`` (LLM context tokens and money), ``sweep`` (the run), ``report`` (files); the
+collections' readers (TREC, BEIR, JSONL/Parquet, SMART, the bundled Cranfield) are ``pipelines.io.collections``.
 
 For the demo and notebooks::
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipelines.evaluation.loaders import Collection, load_cranfield, load_smart_collection
+from pipelines.io.collections import Collection, load_cranfield, load_smart_collection
 
 __all__ = [
     "Collection",
@@ -44,14 +45,14 @@ def __getattr__(name: str) -> Any:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.backends import check_model_config
     from pipelines.config import EvalConfig, load_config
+    from pipelines.engine.ray_runtime import connect, joins_cluster, shutdown, stop_on_signals
     from pipelines.evaluation.sweep import run_eval
-    from pipelines.ray_runtime import connect, shutdown, stop_on_signals
+    from pipelines.model.backends import check_model_config
 
     config = load_config(EvalConfig, args.config, args.overrides)
     for spec in config.reranker_specs:  # an unsupported backend/dtype is refused before Ray starts
-        check_model_config(spec.model)
+        check_model_config(spec.model, joins_cluster())
     with stop_on_signals():  # SIGTERM stops it as Ctrl-C does (exit 143), not with Ray's stack dump
         joined = not ray.is_initialized()
         try:

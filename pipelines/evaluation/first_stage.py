@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines.config import BM25Config, ModelConfig
 from pipelines.errors import InputError
-from pipelines.evaluation.loaders import RankedRun, read_trec_run, trec_order
+from pipelines.io.collections import RankedRun, read_trec_run, trec_order
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def dense_retrieve(
     """Top-k documents per query by cosine of a bi-encoder's embeddings (exact search, on the driver).
 
     The model's query_template and passage_template are applied, as Scorer.score does."""
-    from pipelines.scoring import Scorer
+    from pipelines.model.scoring import Scorer
 
     if model.kind != "bi-encoder":
         raise InputError("a dense first stage needs a bi-encoder model (model.kind: bi-encoder)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from pipelines.evaluation.loaders import Qrels
+from pipelines.io.collections import Qrels
 
 Ranking = dict[str, list[str]]
 """query id -> doc ids, best first."""

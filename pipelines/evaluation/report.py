@@ -13,8 +13,8 @@ import numpy as np
 
 from pipelines.config import EvalConfig
 from pipelines.evaluation.costs import token_summary
-from pipelines.evaluation.loaders import Collection, Qrels
 from pipelines.evaluation.metrics import Ranking, rank_scores
+from pipelines.io.collections import Collection, Qrels
 
 log = logging.getLogger(__name__)
 

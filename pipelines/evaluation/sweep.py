@@ -26,11 +26,11 @@ from typing import Any
 
 from pipelines.config import EvalConfig, EvalDataConfig, InputConfig, OutputConfig, RerankJobConfig
 from pipelines.errors import InputError, OutputError
-from pipelines.evaluation import loaders
 from pipelines.evaluation.costs import context_tokens, count_tokens, token_summary
-from pipelines.evaluation.loaders import Collection, RankedRun
 from pipelines.evaluation.metrics import Ranking, evaluate, measure_names
 from pipelines.evaluation.report import job_dir_name, run_name
+from pipelines.io import collections as loaders
+from pipelines.io.collections import Collection, RankedRun
 
 log = logging.getLogger(__name__)
 

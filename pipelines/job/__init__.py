@@ -2,9 +2,8 @@
 
 - ``plan``: validate a job without Ray (inputs, layout, model, output), its fingerprint, the output's lease;
 - ``join``: the corpus join, when candidates carry no text (Ray Data);
-- ``stages``: the job's CPU stages around the shared model stage (``pipelines.stages``): read + tokenise a unit,
-  commit a unit;
-- ``scale``: the stages' resources and the model pool's size on this cluster;
+- ``stages``: the job's CPU stages around the engine's model stage (``pipelines.engine.model_stage``): read +
+  tokenise a unit, commit a unit;
 - ``reduce``: the units' partial top-N -> the final top-N, checked;
 - ``run``: the wiring (``run_rerank``);
 - ``summary``: what a job reports.

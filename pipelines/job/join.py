@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import records
 from pipelines.config import RerankJobConfig
 from pipelines.errors import InputError
+from pipelines.io import rows as records
+from pipelines.io.rows import FLAT, PACKED, InputLayout
+from pipelines.io.storage import FileInfo, Storage
 from pipelines.job.plan import JobPlan
-from pipelines.records import FLAT, PACKED, InputLayout
-from pipelines.storage import FileInfo, Storage
 
 JOIN_BYTES = 256 * 1024**2  # input bytes per partition of the corpus join
 

@@ -1,32 +1,30 @@
 """Plan a job, without Ray: list the input files, read each one's footer once, check their layout, the model, the
 corpus and the output; record what shapes the output (`job_fingerprint`) so a resume can be checked against it;
 hold the output folder (one job per output, `hold_output`). The units of work are cut from the footers by
-`pipelines.reads.plan_units` when the job starts (`pipelines.job.run`)."""
+`pipelines.io.units.plan_units` when the job starts (`pipelines.job.run`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import records
 from pipelines.config import RerankJobConfig, StorageConfig
 from pipelines.errors import InputError, OutputError
-from pipelines.progress import (
+from pipelines.io import rows as records
+from pipelines.io.commit import (
     COMPLETE,
     EMPTY,
     FOREIGN,
     INCOMPLETE,
     SUCCESS,
-    Lease,
     Progress,
-    describe_holder,
     differences,
     input_changes,
-    live_lease,
 )
-from pipelines.reads import Footer, identity, needs_footer_for_identity, read_footers
-from pipelines.records import InputLayout
-from pipelines.storage import FileInfo, Storage
+from pipelines.io.lease import Lease, describe_holder, live_lease
+from pipelines.io.rows import InputLayout
+from pipelines.io.storage import FileInfo, Storage
+from pipelines.io.units import Footer, identity, needs_footer_for_identity, read_footers
 
 MANIFEST_VERSION = 2  # 2: input files identified by content (S3 ETag; local size, mtime and footer hash)
 
@@ -156,7 +154,8 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem.
     `on_cluster`: the job will run on a cluster (default: RAY_ADDRESS is set), so with model.device auto the
     device is the actors', checked once they are known."""
-    from pipelines.scoring import describe_model
+    from pipelines.engine.ray_runtime import joins_cluster
+    from pipelines.model.scoring import describe_model
 
     out_storage = Storage.for_uri(config.output.uri, config.storage)
     out_path = out_storage.path(config.output.uri)
@@ -179,7 +178,7 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     planned = manifest if manifest is not None and manifest.get("units") is not None else None
     storage, files, footers, layout = inspect_input(config, planned)
     corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
-    model = describe_model(config.model, on_cluster)
+    model = describe_model(config.model, joins_cluster() if on_cluster is None else on_cluster)
     if out_storage.protocol == storage.protocol:
         protect = [f.path for f in files] + _input_roots(storage, config.input.uri)
         if corpus:

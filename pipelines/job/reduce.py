@@ -24,13 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import records
 from pipelines.config import RerankJobConfig, StorageConfig
+from pipelines.engine.ray_data import rerank_error, root_cause
+from pipelines.io import rows as records
+from pipelines.io.commit import Progress
+from pipelines.io.rows import InputLayout
+from pipelines.io.storage import Storage
 from pipelines.job.summary import JobError, JobSummary, Totals
-from pipelines.progress import Progress
-from pipelines.ray_data import rerank_error, root_cause
-from pipelines.records import InputLayout
-from pipelines.storage import Storage
 
 if TYPE_CHECKING:
     from pipelines.job.plan import JobPlan

@@ -1,5 +1,5 @@
 """The batch job, wired: plan (``pipelines.job.plan``) -> the corpus join when asked (``join``) -> the units'
-stages on Ray Data (``stages`` around the shared model stage, run by ``pipelines.ray_data``) -> the reduce
+stages on Ray Data (``stages`` around the shared model stage, run by ``pipelines.engine.ray_data``) -> the reduce
 (``reduce``) -> check and publish.
 
 The scoring phase is one streaming Ray Data pipeline over the units still to do:
@@ -21,19 +21,20 @@ import sys
 import time
 from typing import Any
 
-from pipelines import records
 from pipelines.config import RerankJobConfig
+from pipelines.engine.pool import model_stage, resolve_pool
+from pipelines.engine.ray_data import rerank_error, root_cause
 from pipelines.errors import ConfigError
+from pipelines.io import rows as records
+from pipelines.io.commit import COMPLETE, EMPTY, INCOMPLETE, SUCCESS
+from pipelines.io.lease import Lease
+from pipelines.io.rows import PACKED
+from pipelines.io.units import Unit, plan_units, read_footers
 from pipelines.job.join import join_corpus, join_partitions, joined_layout
 from pipelines.job.plan import MANIFEST_VERSION, JobPlan, OutputChanged, credentials_error, plan_and_hold, plan_rerank
 from pipelines.job.reduce import reduce
 from pipelines.job.stages import UnitSpec, chains_of, commit_units, read_units
 from pipelines.job.summary import JobError, JobSummary, Totals
-from pipelines.pool import model_stage, resolve_pool
-from pipelines.progress import COMPLETE, EMPTY, INCOMPLETE, SUCCESS, Lease
-from pipelines.ray_data import rerank_error, root_cause
-from pipelines.reads import Unit, plan_units, read_footers
-from pipelines.records import PACKED
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None, lease: Leas
 def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, started: float) -> JobSummary:
     # One job per output folder, from before the first write to the last: refused if another run holds it.
     scale = resolve_pool(config.model, config.scale)
-    from pipelines import backends
-    from pipelines.scoring import max_batch_tokens
+    from pipelines.model import backends
+    from pipelines.model.scoring import max_batch_tokens
 
     device = backends.actor_device(config.model, scale["num_gpus_per_actor"])
     backends.check_model_on(config.model, device)  # on the actors' device, before any of them starts
@@ -192,7 +193,7 @@ def _run_leased(
 
 
 def _stages(spec: UnitSpec, scale: dict[str, Any], config: RerankJobConfig) -> list:
-    from pipelines.ray_data import TaskStage
+    from pipelines.engine.ray_data import TaskStage
 
     retries = config.scale.unit_retries
     return [
@@ -222,7 +223,7 @@ def _score(
     import ray
     import ray.data
 
-    from pipelines.ray_data import apply, data_context
+    from pipelines.engine.ray_data import apply, data_context
 
     chains = chains_of(units)
     started, started_at = time.monotonic(), time.time()

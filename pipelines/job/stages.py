@@ -1,16 +1,16 @@
-"""The batch job's own stages around the shared model stage (``pipelines.stages.ModelStage``):
+"""The batch job's own stages around the shared model stage (``pipelines.engine.model_stage.ModelStage``):
 
 - ``read_units`` (CPU tasks, any node): a chain of units (the slices of one large row group, or one unit) ->
   per unit one row: its rows read (only the job's columns), bad rows rejected with a reason, duplicate pairs
-  dropped, the rest tokenised (``pipelines.stages.encode_pairs``), with the unit's keys, rejects and counts.
+  dropped, the rest tokenised (``pipelines.engine.model_stage.encode_pairs``), with the unit's keys, rejects and counts.
   A chain is read by one task, slice after slice, so each row is decoded once.
 - the model stage scores the row;
 - ``commit_units`` (CPU tasks): scores -> non-finite scores rejected -> the top-N of every query the unit holds
   (a query's global top-N is among the union of these) -> the unit's commit: its partial top-N, its rejects and
-  its record, under names fixed by the unit (``pipelines.progress``). A retried or resumed unit rewrites the same
+  its record, under names fixed by the unit (``pipelines.io.commit``). A retried or resumed unit rewrites the same
   files; a unit without a commit record is redone.
 
-No Ray here: ``pipelines.ray_data`` runs these as Ray Data stages.
+No Ray here: ``pipelines.engine.ray_data`` runs these as Ray Data stages.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import records
 from pipelines.config import ModelConfig, StorageConfig
+from pipelines.engine.model_stage import ACTOR, SCORES, WINDOWS, WORKER, encode_pairs, from_ipc, ipc_bytes
+from pipelines.io import rows as records
+from pipelines.io.commit import Progress
+from pipelines.io.rows import PACKED, InputLayout
+from pipelines.io.storage import Storage
+from pipelines.io.units import Unit, UnitReader
 from pipelines.job.reduce import parquet_bytes
 from pipelines.job.summary import JobError
-from pipelines.progress import Progress
-from pipelines.reads import Unit, UnitReader
-from pipelines.records import PACKED, InputLayout
-from pipelines.stages import ACTOR, SCORES, WINDOWS, WORKER, encode_pairs, from_ipc, ipc_bytes
-from pipelines.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _read_unit(unit: Unit, spec: UnitSpec, reader: UnitReader) -> pa.Table:
 
 def commit_units(batch: pa.Table, *, spec: UnitSpec) -> pa.Table:
     """The commit stage: each scored row -> the unit's files and commit record; returns the records (JSON) and
-    the model actor's start-up timings on its first row (``pipelines.stages.ACTOR``)."""
+    the model actor's start-up timings on its first row (``pipelines.engine.model_stage.ACTOR``)."""
     out = Storage.for_uri(spec.output_uri, spec.storage)
     progress = Progress(out, out.path(spec.output_uri))
     done, actor = [], []

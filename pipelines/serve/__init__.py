@@ -128,7 +128,7 @@ def start_service(config: ServeAppConfig):
     Ray must already be connected (entry points do that)."""
     from ray import serve
 
-    from pipelines.backends import actor_device, check_model_on
+    from pipelines.model.backends import actor_device, check_model_on
     from pipelines.serve.app import replica_gpus
 
     # On the replicas' device, known now that Ray runs: a head without GPUs may deploy float16 replicas on GPUs.
@@ -191,13 +191,13 @@ def _run(args: argparse.Namespace) -> int:
     started are stopped, every process of that Ray gone, exit 0. Signals that come during the stop are ignored."""
     import ray
 
-    from pipelines.backends import check_model_config
     from pipelines.config import load_config
-    from pipelines.ray_runtime import connect, shutdown, stop_on_signals
+    from pipelines.engine.ray_runtime import connect, joins_cluster, shutdown, stop_on_signals
+    from pipelines.model.backends import check_model_config
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
-    check_model_config(config.model)  # an unsupported backend/dtype is refused before Ray starts
+    check_model_config(config.model, joins_cluster())  # an unsupported backend/dtype is refused before Ray starts
     prepare_local_environment(config)
     # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
     owns_ray = False
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"rerank: Prometheus metrics (ray_rerank_*, ray_serve_*) at {metrics}", flush=True)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipelines.ray_runtime.Stopped)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipelines.engine.ray_runtime.Stopped)
             log.info("shutting down")
         finally:
             try:

@@ -263,7 +263,7 @@ class RerankService:
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from pipelines.scoring import Scorer, default_threads
+        from pipelines.model.scoring import Scorer, default_threads
 
         self.config = ServeAppConfig.model_validate(config)
         s = self.config.serve
@@ -636,7 +636,7 @@ def replica_gpus(config: ServeAppConfig) -> float:
 
     if not ray.is_initialized() or config.model.device == "cpu":
         return 0.0
-    from pipelines.ray_runtime import cluster_gpus
+    from pipelines.engine.ray_runtime import cluster_gpus
 
     now, most = cluster_gpus()
     if most <= 0:

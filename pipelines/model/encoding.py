@@ -3,7 +3,7 @@
 A `PairEncoder` loads only the tokenizer and the Hugging Face AutoConfig (fast, a few MB), applies
 model.query_template / passage_template, cuts or windows each pair by the rules below and returns an `Encoded`:
 every unit's token ids concatenated (no padding) with their offsets, units sorted by token length (longest first,
-stable), so that the model side (`pipelines.scoring.Scorer.score_encoded`) cuts micro-batches as contiguous
+stable), so that the model side (`pipelines.model.scoring.Scorer.score_encoded`) cuts micro-batches as contiguous
 slices and pads them with a few numpy operations. `Encoded.to_arrays` / `from_arrays` give a plain-numpy form that
 fits in an Arrow / Ray Data block, so a CPU stage can tokenise and a GPU stage only run the forward pass.
 
@@ -17,7 +17,7 @@ passage ``budget - max_query_length`` tokens (budget = max_length less the speci
 of the passage when it is shorter. So the query keeps max(max_query_length, budget - passage) tokens. With
 ``long_text: chunks`` a passage that does not fit is scored in overlapping windows instead, one unit each.
 
-Shared with pipelines.backends (which must not import pipelines.scoring): `model_fingerprint`,
+Shared with pipelines.model.backends (which must not import pipelines.model.scoring): `model_fingerprint`,
 `label_token_ids`, `uses_token_type_ids`.
 """
 

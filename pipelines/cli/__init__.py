@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from pipelines.engine.ray_runtime import Stopped, connect, shutdown, stop_on_signals
 from pipelines.errors import RerankError
-from pipelines.ray_runtime import Stopped, connect, shutdown, stop_on_signals
 
 log = logging.getLogger("rerank")
 
@@ -33,9 +33,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.config import RerankJobConfig, load_config
+    from pipelines.engine.ray_runtime import joins_cluster
+    from pipelines.io.storage import credentials_to_environment
     from pipelines.job import plan_and_hold, plan_rerank, run_rerank
-    from pipelines.ray_runtime import joins_cluster
-    from pipelines.storage import credentials_to_environment
 
     overrides = args.overrides + (["output.mode=resume"] if args.resume else [])
     config = load_config(RerankJobConfig, args.config, overrides)
@@ -101,7 +101,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.cli.demo import run_demo
 
     with stop_on_signals():
         import ray
@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_plugins() -> None:
     """Subcommands that live beside their feature register themselves (their heavy imports stay lazy)."""
+    from pipelines.cli.submit import register_cli as register_submit
     from pipelines.evaluation import register_cli as register_eval
     from pipelines.serve import register_cli as register_serve
-    from pipelines.submit import register_cli as register_submit
 
     register_serve(COMMANDS, _add_config_args)
     register_eval(COMMANDS, _add_config_args)

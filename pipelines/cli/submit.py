@@ -111,7 +111,7 @@ def check_config(kind: str, config_path: str | Path, overrides: list[str], *, re
         overrides = [*overrides, "output.mode=resume"]
     config = load_config(RerankJobConfig, config_path, overrides)
     if config.storage.has_credentials:  # the config file travels in the job's working_dir, readable on the cluster
-        from pipelines.storage import credentials_to_environment
+        from pipelines.io.storage import credentials_to_environment
 
         credentials_to_environment(config.storage, joining_cluster=True)  # raises the one-line ConfigError
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]

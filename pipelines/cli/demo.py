@@ -37,7 +37,7 @@ def write_cranfield_candidates(folder: Path, k: int = CANDIDATES_PER_QUERY, shar
     """BM25 top-k of every Cranfield query as flat Parquet, dealt round-robin over shards so that a query's
     rows are spread across files as they would be in a real first-stage dump. Returns the number of pairs."""
     from pipelines.evaluation.first_stage import retrieve
-    from pipelines.evaluation.loaders import load_cranfield
+    from pipelines.io.collections import load_cranfield
 
     c = load_cranfield()
     run = retrieve(c.corpus, c.queries, k)
@@ -84,7 +84,7 @@ def run_demo(output: str, overrides: list[str] | None = None) -> int:
 def print_sample(output_uri: str, queries: int = 2, rows: int = 3) -> None:
     import pyarrow.dataset as pds
 
-    from pipelines.evaluation.loaders import load_cranfield
+    from pipelines.io.collections import load_cranfield
 
     c = load_cranfield()
     table = (

@@ -243,7 +243,7 @@ def cluster_gpus() -> tuple[float, float]:
     import ray
 
     if not ray.is_initialized():  # Ray's calls below would start a local Ray
-        raise RuntimeError("cluster_gpus() needs Ray initialised (ray.init or pipelines.ray_runtime.connect)")
+        raise RuntimeError("cluster_gpus() needs Ray initialised (ray.init or pipelines.engine.ray_runtime.connect)")
     now = float(ray.cluster_resources().get("GPU", 0.0))
     most = _gcs_config_gpus()
     if most is None:

@@ -1,6 +1,6 @@
 """The model stage's actor pool on this cluster: its size, GPUs and CPUs per actor, decided from the config and
 the cluster (what it has and, on an autoscaling cluster, what its node types can add); and the stage itself,
-shared by the batch job and `pipelines.dataset.rerank_dataset`."""
+shared by the batch job and `pipelines.engine.dataset_api.rerank_dataset`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 from typing import Any
 
 from pipelines.config import ModelConfig, ScaleConfig
-from pipelines.ray_data import ActorStage
-from pipelines.stages import ModelStage
+from pipelines.engine.model_stage import ModelStage
+from pipelines.engine.ray_data import ActorStage
 
 #: CPUs each commit task reserves: it sorts a unit's scores and writes three small files.
 COMMIT_CPUS = 0.25
@@ -18,8 +18,8 @@ UNBOUNDED_GPU_ACTORS = 64
 
 
 def cluster_gpus() -> tuple[float, float]:
-    """(GPUs up now, most GPUs the cluster can have): see pipelines.ray_runtime.cluster_gpus."""
-    from pipelines import ray_runtime
+    """(GPUs up now, most GPUs the cluster can have): see pipelines.engine.ray_runtime.cluster_gpus."""
+    from pipelines.engine import ray_runtime
 
     return ray_runtime.cluster_gpus()
 
@@ -67,7 +67,7 @@ def resolve_pool(model: ModelConfig, scale: ScaleConfig) -> dict[str, Any]:
 
 
 def model_stage(model: ModelConfig, scale: ScaleConfig, pool: dict[str, Any]) -> ActorStage:
-    """The model stage (pipelines.stages.ModelStage) as an actor pool with `pool`'s resources (resolve_pool)."""
+    """The model stage (pipelines.engine.model_stage.ModelStage) as an actor pool with `pool`'s resources (resolve_pool)."""
     return ActorStage(
         "model",
         ModelStage,

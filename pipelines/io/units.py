@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import records
 from pipelines.errors import InputError
-from pipelines.records import PACKED, InputLayout
-from pipelines.storage import FileInfo, Storage
+from pipelines.io import rows as records
+from pipelines.io.rows import PACKED, InputLayout
+from pipelines.io.storage import FileInfo, Storage
 
 TAIL_BYTES = 64 * 1024  # the first read of a file's tail: footers of files with a few hundred row groups fit
 READ_BLOCK_BYTES = 16 * 1024**2  # S3 reads of a unit's rows: ranged GETs of this size at least

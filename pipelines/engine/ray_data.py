@@ -1,6 +1,6 @@
 """The one place that turns our stages into Ray Data calls (as NeMo Curator's adapters do).
 
-A stage is a plain callable on a ``pyarrow.Table`` batch (``pipelines.stages``, ``pipelines.job.stages``): a
+A stage is a plain callable on a ``pyarrow.Table`` batch (``pipelines.engine.model_stage``, ``pipelines.job.stages``): a
 function runs as Ray Data *tasks* (any CPU of the cluster, as many at once as its resources allow), a class as an
 *actor pool* (one model copy per actor, ``min_size`` to ``max_size`` actors that Ray Data grows as work queues and
 the cluster has room, each holding ``in_flight`` batches so it never waits for the next one). What each stage

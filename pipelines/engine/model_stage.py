@@ -1,8 +1,8 @@
 """The two stages every reranking pipeline shares, as plain callables on Arrow batches (no Ray here;
-``pipelines.ray_data`` runs them):
+``pipelines.engine.ray_data`` runs them):
 
 - **encode** (CPU, any node): (query, text) pairs -> token ids, with the model's truncation, windows and templates
-  (``pipelines.encoding.PairEncoder``: the tokenizer only, no weights). The ids of a batch of pairs travel as
+  (``pipelines.model.encoding.PairEncoder``: the tokenizer only, no weights). The ids of a batch of pairs travel as
   one row: int32 ids, their offsets and the pair of each unit, sorted by length, so the model side cuts its
   micro-batches as contiguous slices. Bi-encoders embed whole texts: their pairs travel as text.
 - **model** (``ModelStage``, an actor per model copy, GPU or CPU): a row's token ids -> one float32 score per
@@ -36,7 +36,7 @@ ACTOR = "_actor"  # JSON on an actor's first row: when it was ready (epoch s) an
 
 @functools.lru_cache(maxsize=4)
 def _encoder(model_json: str):
-    from pipelines.encoding import PairEncoder
+    from pipelines.model.encoding import PairEncoder
 
     return PairEncoder(ModelConfig.model_validate_json(model_json))
 
@@ -78,7 +78,7 @@ class ModelStage:
         started = time.perf_counter()
         import torch
 
-        from pipelines.scoring import Scorer, default_threads
+        from pipelines.model.scoring import Scorer, default_threads
 
         if model.num_threads is None and not torch.cuda.is_available():
             torch.set_num_threads(default_threads(num_cpus))
@@ -127,7 +127,7 @@ class ModelStage:
 
     def score_row(self, encoded: bytes | None, texts: bytes | None) -> np.ndarray:
         if encoded is not None:
-            from pipelines.encoding import Encoded
+            from pipelines.model.encoding import Encoded
 
             return self.scorer.score_encoded(Encoded.from_arrays(pickle.loads(encoded)))
         if texts is not None:
