@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from pipelines import submit
+from pipelines.cli import submit
 from tests.datasets import make_pairs, read_output, write_packed
 from tests.ports import free_port
 
@@ -68,7 +68,7 @@ def test_working_dir_holds_only_the_package_and_the_config(tmp_path):
     stage = tmp_path / "stage"
     assert sorted(p.name for p in stage.iterdir()) == ["pipelines", "submitted"]
     files = [p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()]
-    assert "pipelines/cli.py" in files and "pipelines/submit.py" in files
+    assert "pipelines/cli/__main__.py" in files and "pipelines/cli/submit.py" in files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     assert (stage / rel).read_text() == cfg.read_text()
 
