@@ -153,11 +153,20 @@ class ModelConfig(_Strict):
     )
     prompt_template: str | None = Field(
         None,
-        description="causal-lm only (required there): the whole prompt, with {query} and {text} once each and "
-        "optionally {instruction}; tokenized as written, no special tokens added (write <bos> etc. yourself). "
-        "See conf/models/ for Qwen3-Reranker and bge-reranker-v2-gemma.",
+        description="The whole model input as ONE text, with {query} and {text} once each and optionally "
+        "{instruction} (query_template and passage_template apply first). causal-lm (required there): tokenized as "
+        "written, no special tokens added (write <bos> etc. yourself). cross-encoder: tokenized as one text with "
+        "the tokenizer's single-text special tokens, exactly as tokenizer(prompt) (NVIDIA's rerankers: "
+        "'question:{query} \\n \\n passage:{text}'); without it a pair is joined as tokenizer(query, passage). "
+        "See conf/models/ for presets.",
     )
-    instruction: str | None = Field(None, description="causal-lm: the text put in the template's {instruction}.")
+    instruction: str | None = Field(None, description="The text put in prompt_template's {instruction}.")
+    padding_side: Literal["auto", "left", "right"] = Field(
+        "auto",
+        description="Where a micro-batch pads its shorter rows. auto: causal-lm left (the last position is the "
+        "last real token); cross-encoder the side its tokenizer saves (tokenizer_config.json padding_side); "
+        "bi-encoder right. Scores do not depend on it: positions count real tokens on either side.",
+    )
     yes_token: str = Field(
         "yes", description="causal-lm: the vocabulary entry (exact token, e.g. 'yes' or 'Yes') whose logit scores."
     )
@@ -247,8 +256,20 @@ class ModelConfig(_Strict):
                 raise ValueError("model.instruction is set but model.prompt_template has no {instruction}")
             if self.backend not in ("torch", "auto"):
                 raise ValueError("model.kind causal-lm runs on model.backend torch only")
-        elif self.prompt_template is not None or self.instruction is not None:
-            raise ValueError("model.prompt_template and model.instruction are for model.kind causal-lm")
+            if self.padding_side == "right":
+                raise ValueError("model.kind causal-lm pads left (its score is read at the last position)")
+        elif self.kind == "bi-encoder" and (self.prompt_template is not None or self.instruction is not None):
+            raise ValueError(
+                "model.prompt_template and model.instruction are for cross-encoder and causal-lm models; a bi-encoder "
+                "embeds queries and passages apart: use query_template and passage_template"
+            )
+        if self.kind != "causal-lm" and self.prompt_template is not None:
+            if "{instruction}" in self.prompt_template and self.instruction is None:
+                raise ValueError("model.prompt_template uses {instruction}: set model.instruction")
+            if self.instruction is not None and "{instruction}" not in self.prompt_template:
+                raise ValueError("model.instruction is set but model.prompt_template has no {instruction}")
+        elif self.kind == "cross-encoder" and self.instruction is not None:
+            raise ValueError("model.instruction needs a model.prompt_template with {instruction}")
         if self.chunk_tokens and self.chunk_stride and self.chunk_stride > self.chunk_tokens:
             raise ValueError("model.chunk_stride must be <= model.chunk_tokens (windows must overlap or touch)")
         return self

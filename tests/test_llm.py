@@ -247,8 +247,12 @@ def test_causal_lm_config_errors():
     ]:
         with pytest.raises(ConfigError, match=msg.replace("{", r"\{").replace("}", r"\}")):
             validate_config(ModelConfig, base | bad, "model")
-    with pytest.raises(ConfigError, match="for model.kind causal-lm"):
-        validate_config(ModelConfig, {"name_or_path": "m", "prompt_template": "{query}{text}"}, "model")
+    with pytest.raises(ConfigError, match="for cross-encoder and causal-lm models"):
+        validate_config(
+            ModelConfig, {"name_or_path": "m", "kind": "bi-encoder", "prompt_template": "{query}{text}"}, "model"
+        )
+    with pytest.raises(ConfigError, match="pads left"):
+        validate_config(ModelConfig, base | {"prompt_template": "{query}{text}", "padding_side": "right"}, "model")
     with pytest.raises(ConfigError, match="chunk_stride"):
         validate_config(ModelConfig, {"name_or_path": "m", "chunk_tokens": 10, "chunk_stride": 11}, "model")
 

@@ -8,14 +8,20 @@ slices and pads them with a few numpy operations. `Encoded.to_arrays` / `from_ar
 fits in an Arrow / Ray Data block, so a CPU stage can tokenise and a GPU stage only run the forward pass.
 
 One encoder per model kind: `CrossEncoderPairs` ([CLS] q [SEP] p [SEP], as the tokenizer itself joins a pair),
-`PromptPairs` (causal-lm: model.prompt_template), `TextEncoder` (bi-encoder: single texts; `encodes_pairs` False,
-since its pairs are scored from separate embeddings). ``PairEncoder(config)`` builds the one of config.kind.
+`PromptCrossEncoderPairs` (a cross-encoder with model.prompt_template: ONE text with the tokenizer's single-text
+specials, as NVIDIA's rerankers are scored), `PromptPairs` (causal-lm: model.prompt_template as written),
+`TextEncoder` (bi-encoder: single texts; `encodes_pairs` False, since its pairs are scored from separate
+embeddings). ``PairEncoder(config)`` builds the one of the config.
 
 Truncation of a pair (cross-encoders and causal-lm prompts): nothing is cut when the whole pair fits in
 max_length. When it does not, the passage is cut first; the query is cut only as far as needed to leave the
 passage ``budget - max_query_length`` tokens (budget = max_length less the special or template tokens), or all
 of the passage when it is shorter. So the query keeps max(max_query_length, budget - passage) tokens. With
 ``long_text: chunks`` a passage that does not fit is scored in overlapping windows instead, one unit each.
+A one-string prompt that fits is the formatted string tokenized whole (exactly the reference recipe); one that
+does not is rebuilt from its parts (specials, the template's fixed text, query, passage) with the passage cut or
+windowed inside the template, where the recipes' ``truncation=True`` cuts the string's end (the end of the
+template with it).
 
 Shared with pipelines.model.backends (which must not import pipelines.model.scoring): `model_fingerprint`,
 `label_token_ids`, `uses_token_type_ids`.
@@ -261,6 +267,31 @@ class _PairTemplate:
         return out, types[0] + [types[1]] * len(q) + types[2] + [types[3]] * len(p) + types[4]
 
 
+class _SingleTemplate:
+    """prefix + text + suffix: the special tokens a tokenizer adds around ONE text (BERT's [CLS] t [SEP], Llama-3's
+    <|begin_of_text|> t), learned from the tokenizer and checked on a second text, so that a one-string prompt built
+    from separately tokenized (and cut) parts gets the same specials as ``tokenizer(prompt)``."""
+
+    def __init__(self, tokenizer, name: str):
+        self.prefix, self.suffix = self._learn(tokenizer, "the boundary layer of a wing")
+        probe = "what is heat transfer at mach 3"
+        body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        if self.prefix + body + self.suffix != tokenizer(probe)["input_ids"]:
+            raise ConfigError(
+                f"cannot reproduce the special tokens {name!r}'s tokenizer adds to one text; report the model"
+            )
+        self.n_special = len(self.prefix) + len(self.suffix)
+
+    @staticmethod
+    def _learn(tokenizer, text: str) -> tuple[list[int], list[int]]:
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = tokenizer(text)["input_ids"]
+        i = next((k for k in range(len(full)) if full[k : k + len(body)] == body), None)
+        if i is None:
+            raise ConfigError("the model's tokenizer does not keep a text's tokens as they are")
+        return full[:i], full[i + len(body) :]
+
+
 class _Prompt:
     """model.prompt_template split around its {query} and {text} fields: fixed text (the instruction
     included, never cut) and the two variable parts, in template order."""
@@ -312,7 +343,10 @@ class PairEncoder:
     kind = ""
 
     def __new__(cls, config: ModelConfig | None = None):
-        kind_cls = _ENCODERS[config.kind] if cls is PairEncoder and config is not None else cls
+        kind_cls = cls
+        if cls is PairEncoder and config is not None:
+            one_string = config.kind == "cross-encoder" and config.prompt_template is not None
+            kind_cls = PromptCrossEncoderPairs if one_string else _ENCODERS[config.kind]
         return super().__new__(kind_cls)
 
     def __init__(self, config: ModelConfig):
@@ -417,7 +451,35 @@ class _Pairs(PairEncoder):
         return None
 
 
-class CrossEncoderPairs(_Pairs):
+class _SequenceClassifier:
+    """What every cross-encoder's encoder does to the tokenizer and the model config (a pair or a one-string prompt)."""
+
+    config: ModelConfig
+    tokenizer: Any
+
+    def _prepare_tokenizer(self) -> None:
+        """Decoder models loaded for sequence classification often save no pad token: the eos token becomes it
+        (the Scorer sets the model config's pad_token_id to match: the model finds each row's last real token by
+        it). The padding side is model.padding_side, auto meaning the side the tokenizer saves: positions count
+        real tokens on either side (the model side passes them), so scores do not depend on it."""
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            if tok.eos_token is None:
+                raise ConfigError(
+                    f"the tokenizer of {self.config.name_or_path!r} has neither a pad nor an eos token; "
+                    "save one with tokenizer.pad_token = ..."
+                )
+            tok.pad_token = tok.eos_token
+        side = self.config.padding_side
+        tok.padding_side = side if side != "auto" else (getattr(tok, "padding_side", None) or "right")
+
+    def adapt_model_config(self, hf_config) -> None:
+        """The model finds each row's last real token through config.pad_token_id: it must be the tokenizer's."""
+        if hf_config is not None and getattr(hf_config, "pad_token_id", None) != self.tokenizer.pad_token_id:
+            hf_config.pad_token_id = self.tokenizer.pad_token_id
+
+
+class CrossEncoderPairs(_SequenceClassifier, _Pairs):
     """Sequence classification over (query, passage): [CLS] q [SEP] p [SEP] (or the tokenizer's own joining)."""
 
     kind = "cross-encoder"
@@ -429,25 +491,6 @@ class CrossEncoderPairs(_Pairs):
         # The pair's types are needed only by a model with a type embedding.
         self.uses_token_type_ids = self.uses_token_type_ids and self.template.parts[1] is not None
         self._set_budget("special tokens")
-
-    def _prepare_tokenizer(self) -> None:
-        """Decoder models loaded for sequence classification often save no pad token: the eos token becomes it
-        (the Scorer sets the model config's pad_token_id to match: the model finds each row's last real token by
-        it). Right padding: every real token keeps its unpadded position (decoder classifiers included)."""
-        tok = self.tokenizer
-        if tok.pad_token_id is None:
-            if tok.eos_token is None:
-                raise ConfigError(
-                    f"the tokenizer of {self.config.name_or_path!r} has neither a pad nor an eos token; "
-                    "save one with tokenizer.pad_token = ..."
-                )
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "right"
-
-    def adapt_model_config(self, hf_config) -> None:
-        """The model finds each row's last real token through config.pad_token_id: it must be the tokenizer's."""
-        if hf_config is not None and getattr(hf_config, "pad_token_id", None) != self.tokenizer.pad_token_id:
-            hf_config.pad_token_id = self.tokenizer.pad_token_id
 
     def encode_formatted(self, queries: list[str], passages: list[str]) -> Encoded:
         q_ids = _unique_ids(self.tokenizer, queries)
@@ -470,34 +513,45 @@ class CrossEncoderPairs(_Pairs):
 
 
 class PromptPairs(_Pairs):
-    """causal-lm rerankers: model.prompt_template around the query and the passage, no token types."""
+    """One-string prompts: model.prompt_template around the query and the passage, tokenized as ONE text. causal-lm
+    (LLM rerankers): as written, no special tokens added, left padding. A cross-encoder with a prompt_template
+    (`PromptCrossEncoderPairs`): with the tokenizer's single-text special tokens, as ``tokenizer(prompt)``."""
 
     kind = "causal-lm"
+    #: the tokenizer's single-text special tokens go around the prompt (cross-encoders)
+    add_special_tokens = False
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.label_ids = label_token_ids(self.tokenizer, config)
+        self._prepare_labels()
         self.prompt = _Prompt(config, self.tokenizer)
-        self.n_fixed = self.prompt.n_fixed
-        self.uses_token_type_ids = False
+        self.specials = _SingleTemplate(self.tokenizer, config.name_or_path) if self.add_special_tokens else None
+        self.n_fixed = self.prompt.n_fixed + (self.specials.n_special if self.specials else 0)
         self._set_budget("prompt_template tokens")
+
+    def _prepare_labels(self) -> None:
+        self.label_ids = label_token_ids(self.tokenizer, self.config)
+        self.uses_token_type_ids = False
 
     def _prepare_tokenizer(self) -> None:
         # Left: every row's last real token is the last position, the only one whose logits are computed.
         self.tokenizer.padding_side = "left"
 
     def _whole_lengths(self, query: str, texts: list[str], tok) -> list[int]:
-        return [len(x) for x in _ids(tok, [self.prompt.format(query, t) for t in texts])]
+        prompts = [self.prompt.format(query, t) for t in texts]
+        return [len(x) for x in _ids(tok, prompts, self.add_special_tokens)]
 
     def encode_formatted(self, queries: list[str], passages: list[str]) -> Encoded:
-        """A prompt that fits is the formatted string tokenized whole, with no special tokens beyond what the
-        template writes (exactly the one-pair reference); one that does not fit is built from the template's
-        fixed parts and the query and document tokens, the document cut (or windowed) first."""
+        """A prompt that fits is the formatted string tokenized whole (causal-lm: with no special tokens beyond what
+        the template writes; a cross-encoder: with the tokenizer's single-text specials): exactly the one-pair
+        reference. One that does not fit is built from the specials, the template's fixed parts and the query and
+        document tokens, the document cut (or windowed) first, so the template and the query survive."""
         prompt = self.prompt
-        whole = _ids(self.tokenizer, [prompt.format(q, p) for q, p in zip(queries, passages)])
+        whole = _ids(self.tokenizer, [prompt.format(q, p) for q, p in zip(queries, passages)], self.add_special_tokens)
         long = [k for k, x in enumerate(whole) if len(x) > self.max_length]
         q_ids = _unique_ids(self.tokenizer, [queries[k] for k in long])
         p_ids = _unique_ids(self.tokenizer, [passages[k] for k in long])
+        before, after = (self.specials.prefix, self.specials.suffix) if self.specials else ([], [])
         ids: list[list[int]] = []
         unit_pair: list[int] = []
         for k, x in enumerate(whole):
@@ -508,9 +562,25 @@ class PromptPairs(_Pairs):
             qi, pi = q_ids[queries[k]], p_ids[passages[k]]
             keep_q, keep_p = self.split(len(qi), len(pi))
             for a, b in self.windows(len(pi), keep_p):
-                ids.append(prompt.build(qi[:keep_q], pi[a:b]))
+                ids.append(before + prompt.build(qi[:keep_q], pi[a:b]) + after)
                 unit_pair.append(k)
-        return Encoded.pack(ids, None, unit_pair, len(queries))
+        types = [[0] * len(x) for x in ids] if self.uses_token_type_ids else None
+        return Encoded.pack(ids, types, unit_pair, len(queries))
+
+
+class PromptCrossEncoderPairs(_SequenceClassifier, PromptPairs):
+    """A cross-encoder (any ...ForSequenceClassification, remote code included) reading a one-string prompt, e.g.
+    NVIDIA's rerankers: ``question:{query} \\n \\n passage:{text}`` tokenized with the tokenizer's single-text
+    specials (one <|begin_of_text|> for Llama-3), not joined as a pair. Token types, where the model takes them, are
+    all 0, as for one text."""
+
+    kind = "cross-encoder"
+    add_special_tokens = True
+
+    def _prepare_labels(self) -> None:
+        self.label_ids = []
+        # One text: its token types are all 0 (only a model with a type embedding takes them).
+        self.uses_token_type_ids = uses_token_type_ids(self.tokenizer, self.hf_config)
 
 
 class TextEncoder(PairEncoder):
@@ -523,6 +593,10 @@ class TextEncoder(PairEncoder):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.max_query_length = config.max_query_length or self.max_length // 2
+
+    def _prepare_tokenizer(self) -> None:
+        side = self.config.padding_side
+        self.tokenizer.padding_side = "right" if side == "auto" else side
 
     def encode_texts(self, texts: Sequence[str], max_length: int | None = None) -> Encoded:
         """One unit per text (unit_pair = the text's index), cut at max_length (default: the model's)."""
@@ -542,11 +616,11 @@ _ENCODERS: dict[str, type[PairEncoder]] = {
 }
 
 
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text as it is, no special tokens, nothing cut."""
+def _ids(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text as it is (with the tokenizer's single-text special tokens when asked), nothing cut."""
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=add_special_tokens, truncation=False)["input_ids"]
 
 
 def _unique_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:

@@ -316,7 +316,7 @@ class Scorer:
             out = np.empty_like(rows)
             out[order] = rows
             return out
-        pad_id, left = self.encoder.pad_token_id, self.encoder.padding_side == "left"
+        pad_id, left = self.encoder.pad_token_id, self.encoder.padding_side == "left" and self.backend.pads_left
         with_types = enc.types is not None and self.backend.uses_token_type_ids
         parts: list = []
         start, n = 0, len(lengths)

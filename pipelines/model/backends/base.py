@@ -19,6 +19,9 @@ class Backend:
     uses_token_type_ids: bool
     #: The last layer runs for the first token only (see _HeadOnlyLastLayer).
     head_only: bool = False
+    #: Left-padded rows score as unpadded ones (positions from the mask). Exports take no position ids: the
+    #: Scorer pads right for a backend without it.
+    pads_left: bool = False
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None

@@ -45,6 +45,25 @@ class _TorchDevice:
         return self.to_host([self.forward_device(input_ids, attention_mask, token_type_ids)])
 
 
+#: Models that number positions from the padding themselves (padding_idx + 1 + the count of real tokens before):
+#: given no position ids they are right under either padding side; any other gets positions from the mask.
+OWN_POSITION_IDS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "xmod"})
+
+
+#: Encoders whose pooling or head reads the first position ([CLS] / <s>): left padding would put a pad there, so
+#: they are always padded right (model.padding_side left is logged and ignored for them).
+FIRST_TOKEN_MODEL_TYPES = frozenset(
+    {
+        "albert", "bert", "big_bird", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+        "longformer", "modernbert", "mpnet", "roberta", "xlm-roberta", "xlm-roberta-xl", "xmod",
+    }
+)  # fmt: skip
+
+
+def left_padded(mask: torch.Tensor) -> bool:
+    return bool(mask.shape[1] and (mask[:, 0] == 0).any())
+
+
 #: Encoders whose sequence-classification head reads the first token only, and whose layers are BERT's
 #: (attention.self.query/key/value, attention.output, intermediate, output). Their last layer can be computed for
 #: that token alone.
@@ -65,6 +84,8 @@ class _HeadOnlyLastLayer(torch.nn.Module):
         self.mask: torch.Tensor | None = None  # [n, L] attention mask of the current call, set by _Features
 
     def forward(self, hidden_states, *args, **kwargs):
+        if self.mask is not None and left_padded(self.mask):  # the first position is padding: the full layer
+            return self.layer(hidden_states, *args, **kwargs)
         layer = self.layer
         attn = layer.attention.self
         n, length, _ = hidden_states.shape
@@ -148,6 +169,11 @@ class _Features(torch.nn.Module):
         self.model, self.kind = model, kind
         #: Set by head_only_last_layer when it swaps the last layer; it needs each call's attention mask.
         self.head_layer: _HeadOnlyLastLayer | None = None
+        cfg = getattr(model, "config", None)
+        params = inspect.signature(model.forward).parameters
+        #: Left-padded rows get position ids counting their real tokens only, so that every row is numbered as
+        #: it would be alone (absolute positions; rotary ones do not need it but are not hurt).
+        self.positions_from_mask = "position_ids" in params and getattr(cfg, "model_type", "") not in OWN_POSITION_IDS
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         if self.head_layer is not None:
@@ -155,6 +181,8 @@ class _Features(torch.nn.Module):
         kwargs = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long()}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids.long()
+        if self.positions_from_mask and not torch.jit.is_tracing() and left_padded(attention_mask):
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(**kwargs)
         if self.kind == "cross-encoder":
             return out.logits.float()
@@ -189,12 +217,19 @@ class TorchBackend(_TorchDevice, Backend):
     scrambled close scores). GPU: float16/bfloat16 weights (float32 when asked)."""
 
     name = "torch"
+    pads_left = True
 
     def __init__(self, config: ModelConfig, device: torch.device, tokenizer):
         self.device = device
         gpu_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
         weights = gpu_dtype if (device.type == "cuda" and gpu_dtype is not None) else torch.float32
         self.model = _Features(load_hf_model(config, "sdpa", weights), config.kind).to(device).eval()
+        model_type = getattr(self.model.model.config, "model_type", "")
+        self.pads_left = model_type not in FIRST_TOKEN_MODEL_TYPES
+        if not self.pads_left and config.padding_side == "left":
+            log.info(
+                "model.padding_side left ignored for %s: its head reads the first position; padded right", model_type
+            )
         #: The last layer runs for the first token only (cross-encoders of the BERT family; see _HeadOnlyLastLayer).
         self.head_only = head_only_last_layer(self.model)
         self.hf_config = self.model.model.config
@@ -218,6 +253,7 @@ class CausalLMBackend(_TorchDevice, Backend):
 
     name = "torch"
     uses_token_type_ids = False
+    pads_left = True
 
     def __init__(self, config: ModelConfig, device: torch.device, label_ids: list[int]):
         from transformers import AutoModelForCausalLM
