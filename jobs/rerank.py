@@ -18,7 +18,7 @@ from pipelines.cli import main
 
 
 def parse(argv: list[str]) -> list[str]:
-    p = argparse.ArgumentParser(description="Rerank Parquet candidates; top-N per query out (see README).")
+    p = argparse.ArgumentParser(description="Rerank Parquet candidates; top-N per query out (see docs/batch-job.md).")
     p.add_argument("--config", required=True, help="YAML job config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument(

@@ -508,7 +508,7 @@ def format_validation_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling against the README's config reference)"
+            msg = "unknown key (check its spelling against docs/configuration.md)"
         elif e["type"] == "missing":
             msg = "required key is missing"
         msgs.append(f"{key}: {msg}")

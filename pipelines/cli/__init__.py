@@ -20,7 +20,7 @@ log = logging.getLogger("rerank")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML config file (see conf/ and the README)")
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file (see conf/ and docs/configuration.md)")
     p.add_argument(
         "--set",
         dest="overrides",
