@@ -1,7 +1,9 @@
 """First stages: BM25 (bm25s) and dense retrieval (a bi-encoder through Scorer), or a given TREC run.
 
 Every first stage returns a :data:`RankedRun` (query id -> [(doc id, score), ...] best first) in trec_eval's
-order: score descending, ties by doc id descending, so a run file written from it is read back identically.
+order: score descending, ties by doc id descending, so a run file written from it is read back identically. A
+non-finite score is never ranked: a run file's ``nan``/``inf`` line is refused naming the file, line and query
+(``read_trec_run``), a dense model's NaN cosine naming the model and query.
 These run on the driver: they are the baseline, not the system under test.
 """
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from pipelines.config import BM25Config, ModelConfig
 from pipelines.errors import InputError
+from pipelines.evaluation.metrics import NonFiniteScoreError
 from pipelines.io.collections import RankedRun, read_trec_run, trec_order
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,13 @@ def dense_retrieve(
     run: RankedRun = {}
     for start in range(0, len(qids), block):
         sims = q_emb[start : start + block] @ d_emb.T
+        finite = np.isfinite(sims)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise NonFiniteScoreError(
+                f"dense first stage: model {model.name_or_path} gave {int((~finite[row]).sum())} documents a "
+                f"non-finite cosine for query {qids[start + row]} (NaN or infinite embeddings); refusing to rank by it"
+            )
         # A margin beyond k keeps boundary ties from depending on argpartition; trec_order decides them.
         take = min(len(doc_ids), k + 16)
         top = (

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from pipelines.errors import RerankError
 from pipelines.io.collections import Qrels
+
+
+class NonFiniteScoreError(RerankError):
+    """A model (a reranker, or a dense first stage) scored a pair NaN or infinite: the evaluation refuses to rank
+    by it rather than measure a ranking the score cannot order. The message names the model and the query."""
+
 
 Ranking = dict[str, list[str]]
 """query id -> doc ids, best first."""

@@ -8,7 +8,11 @@ order continues, so every run has K_max results and any N can be compared; for N
 chunks only. The reranker cost of a K is what a pipeline reranking K candidates would pay: the pairs in each
 query's top K, at the job's measured throughput.
 
-Candidates the job rejects (empty text) keep no score; they sort after the scored ones within the top K.
+Candidates the job rejects (empty text) keep no score; they sort after the scored ones within the top K. A
+candidate the reranker scores NaN or infinite is different: it is a fault of the model, not of the input, and no
+ranking can place it, so the evaluation refuses (``NonFiniteScoreError``: one line naming the reranker, its model
+and the first query) instead of measuring a ranking around it. The job rejects such pairs with reason
+``score_not_finite``; they stay in the job's ``_rejects/`` in the report folder.
 
 Several rerankers (``rerankers: [{name, model}, ...]``) are each scored by their own job over the same first-stage
 candidates; their runs are named ``<name>_k<K>`` (one ``model:`` is the reranker named ``rerank``), so quality,
@@ -18,6 +22,7 @@ N_Reranked, tokens and each reranker's measured throughput and cost are reported
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from typing import Any
 from pipelines.config import EvalConfig, EvalDataConfig, InputConfig, OutputConfig, RerankJobConfig
 from pipelines.errors import InputError, OutputError
 from pipelines.evaluation.costs import context_tokens, count_tokens, token_summary
-from pipelines.evaluation.metrics import Ranking, evaluate, measure_names
+from pipelines.evaluation.metrics import NonFiniteScoreError, Ranking, evaluate, measure_names
 from pipelines.evaluation.report import job_dir_name, run_name
 from pipelines.io import collections as loaders
 from pipelines.io.collections import Collection, RankedRun
@@ -108,10 +113,17 @@ def first_stage_candidates(config: EvalConfig, coll: Collection, qids: list[str]
 
 
 def score_candidates(
-    config: EvalConfig, coll: Collection, ranking: Ranking, work_dir: Path, job_dir: Path, model: Any = None
+    config: EvalConfig,
+    coll: Collection,
+    ranking: Ranking,
+    work_dir: Path,
+    job_dir: Path,
+    model: Any = None,
+    reranker: str = "rerank",
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Score every first-stage candidate once with the batch job; returns query -> doc -> score and the
-    job's summary. Ray must be running (the entry point starts it)."""
+    job's summary. Ray must be running (the entry point starts it). A pair scored NaN or infinite (which the job
+    rejects as score_not_finite) fails the evaluation with ``NonFiniteScoreError`` naming `reranker`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -137,29 +149,78 @@ def score_candidates(
         }
     )
     pq.write_table(table, cand_dir / "candidates.parquet")
+    model = model or config.reranker_specs[0].model
     job = RerankJobConfig(
         input=InputConfig(uri=str(cand_dir)),
         output=OutputConfig(uri=str(job_dir), top_n=max(len(v) for v in ranking.values()), mode="overwrite"),
-        model=model or config.reranker_specs[0].model,
+        model=model,
         scale=config.scale,
         ray=config.ray,
     )
     summary = run_rerank(job)
+    shutil.rmtree(cand_dir, ignore_errors=True)
+    refuse_non_finite_rejects(reranker, model.name_or_path, summary, job_dir)
     out = pq.read_table(job_dir, columns=["query_id", "doc_id", "score"])
     scores: dict[str, dict[str, float]] = {}
     for q, d, s in zip(*(out.column(c).to_pylist() for c in ("query_id", "doc_id", "score"))):
+        if s is None or not math.isfinite(s):
+            raise NonFiniteScoreError(
+                f"reranker {reranker} (model {model.name_or_path}): query {q}, document {d} has the score {s} in "
+                f"{job_dir}; refusing to rank by a score that is not a finite number"
+            )
         scores.setdefault(str(q), {})[str(d)] = float(s)
-    shutil.rmtree(cand_dir, ignore_errors=True)
     return scores, summary
 
 
-def rerank_top_k(ranking: Ranking, scores: dict[str, dict[str, float]], k: int) -> Ranking:
+def refuse_non_finite_rejects(reranker: str, model: str, summary: Any, job_dir: Path) -> None:
+    """Raise ``NonFiniteScoreError`` when the job rejected pairs because the reranker scored them NaN or infinite
+    (reason score_not_finite): one line naming the reranker, its model, how many pairs and the first query. The
+    job goes on past such pairs (they are in its ``_rejects/``); a measurement that ranked them anywhere would
+    report a quality the model did not have."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipelines.io.rows import NAN_SCORE
+
+    counted = int((getattr(summary, "rejected_by_reason", None) or {}).get(NAN_SCORE, 0))
+    pairs: list[tuple[str, str]] = []
+    folder = job_dir / "_rejects"
+    try:
+        if folder.is_dir() and any(folder.glob("*.parquet")):
+            rejects = pq.read_table(folder, columns=["query_id", "doc_id", "reason"])
+            rejects = rejects.filter(pc.equal(rejects.column("reason"), NAN_SCORE))
+            pairs = list(zip(*(map(str, rejects.column(c).to_pylist()) for c in ("query_id", "doc_id"))))
+    except Exception as err:  # noqa: BLE001 - the count from the summary still says enough to refuse
+        log.warning("could not read the rejects in %s: %s", folder, err)
+    n = max(counted, len(pairs))
+    if not n:
+        return
+    where = ""
+    if pairs:
+        queries = sorted({q for q, _ in pairs}, key=loaders._natural_key)
+        first_doc = min(d for q, d in pairs if q == queries[0])
+        where = f" in {len(queries)} queries, first query {queries[0]} (document {first_doc})"
+    raise NonFiniteScoreError(
+        f"reranker {reranker} (model {model}) scored {n} candidate pairs NaN or infinite{where}; the evaluation "
+        f"refuses to rank by them (the job's rejects are in {folder}, reason {NAN_SCORE}; a float16 model may "
+        "overflow where float32 does not)"
+    )
+
+
+def rerank_top_k(ranking: Ranking, scores: dict[str, dict[str, float]], k: int, reranker: str = "rerank") -> Ranking:
     """Each query's first-stage top k reordered by reranker score (ties and unscored docs keep first-stage
-    order, unscored last), followed by the rest of the first-stage list unchanged."""
+    order, unscored last), followed by the rest of the first-stage list unchanged. A NaN or infinite score is
+    refused (``NonFiniteScoreError`` naming `reranker` and the query): a sort by it misorders the others."""
     out: Ranking = {}
     for q, docs in ranking.items():
         s = scores.get(q, {})
         head = docs[:k]
+        bad = next((d for d in head if d in s and not math.isfinite(s[d])), None)
+        if bad is not None:
+            raise NonFiniteScoreError(
+                f"reranker {reranker}: query {q}, document {bad} has the score {s[bad]}; refusing to rank by a "
+                "score that is not a finite number"
+            )
         scored = sorted((d for d in head if d in s), key=lambda d: -s[d])  # stable: ties keep first-stage order
         unscored = [d for d in head if d not in s]
         out[q] = scored + unscored + docs[k:]
@@ -264,11 +325,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
             report_dir / "_work",
             report_dir / job_dir_name(config, spec.name),
             model=spec.model,
+            reranker=spec.name,
         )
         timing[f"rerank_job_s.{spec.name}" if config.rerankers else "rerank_job_s"] = time.perf_counter() - t
         pairs[spec.name] = {}
         for k in config.k_values:
-            rankings[run_name(k, spec.name)] = rerank_top_k(first_ranking, scores, k)
+            rankings[run_name(k, spec.name)] = rerank_top_k(first_ranking, scores, k, reranker=spec.name)
             pairs[spec.name][k] = sum(sum(1 for d in first_ranking[q][:k] if d in scores.get(q, {})) for q in qids)
     shutil.rmtree(report_dir / "_work", ignore_errors=True)
 

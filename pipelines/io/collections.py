@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -154,14 +155,21 @@ def read_qrels(path: str | Path, grades: Mapping[int, int] | None = None) -> Qre
 def trec_order(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """trec_eval's ranking of a query's results: score descending, ties by doc id descending (string order).
 
-    Sorting input runs this way means the evaluation sees them exactly as trec_eval would."""
+    Sorting input runs this way means the evaluation sees them exactly as trec_eval would. Every score must be
+    finite: a sort with a NaN key leaves the rest of the list unsorted, so a NaN or infinite score is refused
+    (``InputError``) rather than ranked anywhere; callers check first to name the file, line or model."""
+    for doc, score in pairs:
+        if not math.isfinite(score):
+            raise InputError(f"document {doc} has the non-finite score {score}; it cannot be ranked")
     by_docid_desc = sorted(pairs, key=lambda x: x[0], reverse=True)
     return sorted(by_docid_desc, key=lambda x: -x[1])  # stable: ties keep doc id descending
 
 
 def read_trec_run(path: str | Path) -> RankedRun:
     """TREC run: ``qid Q0 docid rank score tag``. The rank column is ignored (as trec_eval does); results are
-    ordered by score, ties by doc id descending. A doc listed twice for a query keeps its first line."""
+    ordered by score, ties by doc id descending. A doc listed twice for a query keeps its first line. A score
+    that is not a finite number (``nan``, ``inf``, ``-inf``) is refused with the file, line and query named:
+    it has no place in a ranking, and sorting by it would silently misorder the query's other results."""
     run: dict[str, dict[str, float]] = {}
     for n, line in _open_lines(path):
         parts = line.split()
@@ -173,6 +181,11 @@ def read_trec_run(path: str | Path) -> RankedRun:
             score = float(parts[4])
         except ValueError:
             raise InputError(f"{path}:{n}: score {parts[4]!r} is not a number") from None
+        if not math.isfinite(score):
+            raise InputError(
+                f"run file {path}, line {n}: query {parts[0]}, document {parts[2]}: score {parts[4]!r} is not a "
+                "finite number; a run's scores must be finite to be ranked (fix or drop the line)"
+            )
         run.setdefault(parts[0], {}).setdefault(parts[2], score)
     return {q: trec_order(list(docs.items())) for q, docs in run.items()}
 

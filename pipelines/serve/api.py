@@ -11,6 +11,11 @@ scores are what ``activation: sigmoid`` gives the batch job for a cross-encoder 
 two-label model the softmax probability of the positive class) and (cosine + 1) / 2 for a bi-encoder. Results
 are ranked by the raw score, best first; ties keep input order.
 
+Non-finite scores: a request any of whose pairs the model scores NaN or infinite (raw or [0, 1] score) is answered
+500 with ``error_type: score_not_finite`` and a message naming the model and how many pairs, the same in every
+API; no scores are returned for it (JSON has no NaN, and these APIs promise a number for every document). The
+batch job rejects the same pairs with reason ``score_not_finite``.
+
 Unknown request fields are ignored (clients send API-specific extras such as ``rank_fields``); known fields are
 validated and a bad one is answered 4xx with a message that names it, a text UTF-8 cannot encode (a lone
 surrogate) included. Every error has the body of ``ApiError.body``.
@@ -250,6 +255,23 @@ def check_texts(
 def cosine_to_unit(raw: np.ndarray) -> np.ndarray:
     """A bi-encoder's cosine in [-1, 1] -> [0, 1]."""
     return np.clip((np.asarray(raw, dtype=np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def non_finite_problem(model: str, raw: np.ndarray, unit: np.ndarray) -> str | None:
+    """None when every pair's raw and [0, 1] score is finite; else the one-line message of the 500 the request gets
+    (``error_type: score_not_finite``): the model, how many pairs and which kinds, the first pair's index."""
+    raw = np.asarray(raw, dtype=np.float64)
+    unit = np.asarray(unit, dtype=np.float64)
+    bad = ~(np.isfinite(raw) & np.isfinite(unit))
+    if not bad.any():
+        return None
+    nan = int((np.isnan(raw) | np.isnan(unit))[bad].sum())
+    kinds = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (int(bad.sum()) - nan, "infinite")) if n)
+    return (
+        f"model {model} returned a non-finite score for {int(bad.sum())} of {len(raw)} pairs of this request "
+        f"({kinds}; first at document index {int(np.flatnonzero(bad)[0])}); no scores are returned rather than null "
+        "ones (the batch job rejects such pairs as score_not_finite)"
+    )
 
 
 def best_first(raw: np.ndarray, top_n: int | None = None) -> np.ndarray:

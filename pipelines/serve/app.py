@@ -11,7 +11,9 @@ One model call is one ``Scorer`` call, as in the batch job: the Scorer sorts the
 them in forward passes of up to ``model.max_batch_tokens`` padded tokens, so pairs of different requests share
 padded micro-batches of similar length. A request is checked whole before it joins a call; if the model still
 raises on a call, its requests are scored again in halves, so only the request it fails on gets a 500 (every
-error in the documented body of ``pipelines.serve.api.ApiError``).
+error in the documented body of ``pipelines.serve.api.ApiError``). A request any of whose pairs the model scores
+NaN or infinite gets a 500 ``score_not_finite`` naming the model and how many pairs, in every API
+(``pipelines.serve.api.non_finite_problem``), never a 200 with a null score.
 
 Overload is refused, never queued without bound: the proxy answers 503 + Retry-After past
 ``serve.max_queued_requests`` waiting requests, and a replica answers the same past ``serve.max_queued_pairs``
@@ -50,6 +52,7 @@ from pipelines.serve.api import (
     cosine_to_unit,
     http_error,
     nim_response,
+    non_finite_problem,
     tei_response,
     validation_error,
 )
@@ -508,8 +511,17 @@ class RerankService:
             )
         out = np.concatenate(parts)
         if self.kind == "bi-encoder":
-            return out[:, 0], cosine_to_unit(out[:, 0])
-        return self.scorer.from_logits(out, "none"), self.scorer.from_logits(out, "sigmoid")
+            raw, unit = out[:, 0], cosine_to_unit(out[:, 0])
+        else:
+            raw, unit = self.scorer.from_logits(out, "none"), self.scorer.from_logits(out, "sigmoid")
+        if problem := non_finite_problem(self.model_name, raw, unit):
+            # The rule of every API: never a 200 with a null (or a NaN JSON cannot carry) where a number is
+            # promised. Logged once here; the next health check probes the model (a model that gives NaN for
+            # everything is then marked unhealthy).
+            self._model_failed = True
+            log.error("request %d: %s", request_id, problem)
+            raise ApiError(500, problem, error_type="score_not_finite")
+        return raw, unit
 
     def _model_outputs(self, queries: list[str], passages: list[str]) -> np.ndarray:
         if self.kind == "bi-encoder":
