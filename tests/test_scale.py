@@ -117,7 +117,7 @@ def test_s3_requests_grow_with_files_units_and_buckets(s3_ray, s3_fault_proxy, t
     summary = run_rerank(resume, resumed)
     elapsed = time.monotonic() - started
     job_requests = len(proxy.seen)
-    assert summary.pairs_scored == FILES * PER_FILE and summary.units == FILES
+    assert summary.pairs_scored == FILES * PER_FILE and summary.units == len(units) < FILES  # small files combined
     buckets = summary.scale["reduce_buckets"]
     # Per unit: its file opened and read (HEAD + GET), its partial and done record written (2 PUTs), its partial
     # read by the merge (1 ranged GET); the driver has the commit records from the actors. Per group and bucket a

@@ -193,9 +193,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 class SimulatedConfig(PretrainedConfig):
     model_type = "rerank-simulated"
 
-    def __init__(self, pairs_per_s=2000.0, vocab_size=256, max_position_embeddings=512, **kwargs):
+    def __init__(self, pairs_per_s=2000.0, vocab_size=256, max_position_embeddings=512, poison_token_id=None, **kwargs):
         super().__init__(**kwargs)
         self.pairs_per_s = pairs_per_s
+        self.poison_token_id = poison_token_id  # a batch holding this token raises (a model that fails on a pair)
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
 
@@ -212,6 +213,9 @@ class SimulatedAccelerator(PreTrainedModel):
         pass
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        poison = self.config.poison_token_id
+        if poison is not None and bool(((input_ids == poison) & (attention_mask > 0)).any()):
+            raise ValueError(f"cannot score token {poison}: the simulated model fails on it")
         time.sleep(input_ids.shape[0] / self.config.pairs_per_s)
         real = input_ids.long() * attention_mask.long()
         code = (real * torch.arange(1, real.shape[1] + 1)).sum(-1) % 9973
@@ -224,7 +228,9 @@ def simulated_scores(input_ids: list[list[int]]) -> list[float]:
     return [float(sum(t * (i + 1) for i, t in enumerate(ids)) % 9973) / 9973.0 for ids in input_ids]
 
 
-def build_simulated_accelerator(path: str | Path, pairs_per_s: float, tokenizer_from: str | Path | None = None) -> Path:
+def build_simulated_accelerator(
+    path: str | Path, pairs_per_s: float, tokenizer_from: str | Path | None = None, poison_token_id: int | None = None
+) -> Path:
     """A model folder (custom code, loaded with trust_remote_code through from_pretrained) that scores
     `pairs_per_s` pairs per second without using CPU; the tiny BERT tokenizer, or `tokenizer_from`'s."""
     import importlib.util
@@ -248,6 +254,7 @@ def build_simulated_accelerator(path: str | Path, pairs_per_s: float, tokenizer_
     spec.loader.exec_module(module)
     module.SimulatedConfig.register_for_auto_class()
     module.SimulatedAccelerator.register_for_auto_class("AutoModelForSequenceClassification")
-    model = module.SimulatedAccelerator(module.SimulatedConfig(pairs_per_s=pairs_per_s, num_labels=1))
+    config = module.SimulatedConfig(pairs_per_s=pairs_per_s, num_labels=1, poison_token_id=poison_token_id)
+    model = module.SimulatedAccelerator(config)
     model.save_pretrained(path)
     return path

@@ -66,8 +66,12 @@ def resolve_pool(model: ModelConfig, scale: ScaleConfig) -> dict[str, Any]:
     }
 
 
-def model_stage(model: ModelConfig, scale: ScaleConfig, pool: dict[str, Any]) -> ActorStage:
-    """The model stage (pipelines.engine.model_stage.ModelStage) as an actor pool with `pool`'s resources (resolve_pool)."""
+def model_stage(
+    model: ModelConfig, scale: ScaleConfig, pool: dict[str, Any], isolate_errors: bool = True
+) -> ActorStage:
+    """The model stage (pipelines.engine.model_stage.ModelStage) as an actor pool with `pool`'s resources
+    (resolve_pool). `isolate_errors`: a model error is isolated to the pairs that cause it (else it fails the
+    stage at once)."""
     return ActorStage(
         "model",
         ModelStage,
@@ -76,6 +80,7 @@ def model_stage(model: ModelConfig, scale: ScaleConfig, pool: dict[str, Any]) ->
             "num_cpus": pool["num_cpus_per_actor"],
             "in_flight": pool["batches_in_flight"],
             "batch_rows": scale.batch_rows,
+            "isolate_errors": isolate_errors,
         },
         min_size=pool["min_actors"],
         max_size=pool["max_actors"],

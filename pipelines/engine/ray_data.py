@@ -145,6 +145,24 @@ def rerank_error(err: BaseException) -> RerankError | None:
         if isinstance(e, RerankError) and not isinstance(e, RayError):
             return _without_ray_notes(e)
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return _from_text(err)
+
+
+_OURS = re.compile(r"^(pipelines\.[\w.]+)\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _from_text(err: BaseException) -> RerankError | None:
+    """Our error where Ray kept only its text (an actor's UDF error reaches the driver as a traceback string): the
+    last ``pipelines.<module>.<SomeError>: message`` line, rebuilt as that class when it is one of ours."""
+    import importlib
+
+    for module, name, message in reversed(_OURS.findall(str(err))):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, RerankError):
+            return cls(message.strip())
     return None
 
 

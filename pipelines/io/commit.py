@@ -6,8 +6,8 @@ The output folder of a job::
     _rejects/part-<g>.parquet    rejected rows of a group of units, with their reason (one file per merge group)
     _rejects/reduce-<k>.parquet  copies of a (query_id, doc_id) found in several units (reason duplicate)
     _summary.json, _SUCCESS      written last, only once every count checks out
-    _work/lease.json             who runs the job now (host, pid, start time), renewed while it runs: one job per
-                                 output folder (see `pipelines.io.lease`)
+    _work/lease.json             who runs the job now (host, pid, start time, its lease timeout), renewed while it
+                                 runs: one job per output folder (see `pipelines.io.lease`)
     _work/manifest.json          what the job is (the config that shapes its output, the model's revision, the
                                  input files by content: S3 ETag, or size + mtime + footer hash) and its units; a
                                  resume must match it. A finished job keeps the same record in _summary.json, so a
@@ -51,10 +51,28 @@ EMPTY, COMPLETE, INCOMPLETE, FOREIGN = "empty", "complete", "incomplete", "forei
 
 
 class Progress:
-    """Paths and state of one job's output folder; every read or write of resume state goes through here."""
+    """Paths and state of one job's output folder; every read or write of resume state goes through here.
 
-    def __init__(self, storage: Storage, out_path: str):
+    `lease`: the run's lease of the folder (`pipelines.io.lease.Lease`), when this is the run's own view of it:
+    then nothing is written, deleted or read as this run's state once the lease is lost (another run took the
+    folder over). `protect`: resolved paths of the job's inputs, which no deletion here may touch (a second guard
+    beside the plan's overlap check, see `Storage.remove`)."""
+
+    def __init__(
+        self, storage: Storage, out_path: str, lease: Lease | None = None, protect: tuple[str, ...] | list[str] = ()
+    ):
         self.storage, self.out = storage, out_path.rstrip("/")
+        self.lease, self.protect = lease, tuple(protect)
+
+    def owned(self, verify: bool = False) -> None:
+        """Raise OutputError if this run lost the output's lease (`verify`: read the lease file to be sure, before
+        anything is deleted or published)."""
+        if self.lease is not None:
+            self.lease.check(verify=verify)
+
+    def _remove(self, path: str) -> None:
+        """Delete inside this output folder only, never the job's inputs (see `Storage.remove`)."""
+        self.storage.remove(path, within=self.out, protect=self.protect)
 
     # ------------------------------------------------------------------ paths
 
@@ -105,17 +123,21 @@ class Progress:
         return f"an earlier run that did not finish ({done:,} of {total:,} input units done, no {SUCCESS})"
 
     def read_manifest(self) -> dict[str, Any] | None:
+        self.owned()
         return self.storage.read_json(self.manifest_path)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.owned()
         self.storage.write_json(self.manifest_path, manifest, indent=None)  # one line a unit would be 10x larger
 
     def done_units(self) -> set[str]:
+        self.owned()
         return {n.removesuffix(".json") for n in self.storage.list_names(f"{self.out}/{WORK}/done", ".json")}
 
     def read_done(self, uids: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         """The commit records of these units, streamed in order (read 16 at a time: there may be tens of thousands
         on S3, and the caller keeps only what it sums)."""
+        self.owned()
         with ThreadPoolExecutor(max_workers=16) as pool:
             for uid, record in zip(uids, pool.map(lambda u: self.storage.read_json(self.done_path(u)), uids)):
                 if record is None:
@@ -134,39 +156,51 @@ class Progress:
 
     def clear_results(self) -> None:
         """Before the final reduce runs (again): no result file of an interrupted reduce may stay."""
+        self.owned(verify=True)
         fs = self.storage.fs
+        self.storage.check_clearable(self.out, self.protect)
         for p in fs.ls(self.out, detail=False) if fs.exists(self.out) else []:
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("part-") and name.endswith(".parquet"):
-                self.storage.remove(p)
-        self.storage.remove(f"{self.out}/{REJECTS}")
-        self.storage.remove(f"{self.out}/{WORK}/merged")
+                self._remove(p)
+        self._remove(f"{self.out}/{REJECTS}")
+        self._remove(f"{self.out}/{WORK}/merged")
 
     def clear_all(self) -> None:
         """output.mode=overwrite: _SUCCESS first (no reader may see it beside half-deleted results), then everything
-        but the lease this run holds."""
+        but the lease this run holds. Only a run that still holds the lease deletes, and only inside the output
+        folder's own resolved path, never the job's inputs: every deletion is checked before the first one."""
+        self.owned(verify=True)
         log.info("output.mode=overwrite: deleting %s", self.storage.uri(self.out))
-        self.storage.remove(f"{self.out}/{SUCCESS}")
+        self.storage.check_clearable(self.out, self.protect)
         fs = self.storage.fs
         keep = {self.lease_path, f"{self.out}/{WORK}"}
+        doomed = []
         for top in fs.ls(self.out, detail=False) if fs.exists(self.out) else []:
             top = top.rstrip("/")
             if top == f"{self.out}/{WORK}":
                 for p in fs.ls(top, detail=False):
                     if p.rstrip("/") not in keep and not p.rstrip("/").rsplit("/", 1)[-1].startswith(".lease"):
-                        self.storage.remove(p)
-            else:
-                self.storage.remove(top)
+                        doomed.append(p)
+            elif top != f"{self.out}/{SUCCESS}":
+                doomed.append(top)
+        for p in doomed:
+            self.storage.check_removal(p, self.out, self.protect)
+        self._remove(f"{self.out}/{SUCCESS}")
+        for p in doomed:
+            self._remove(p)
 
     def finish(self, summary: dict[str, Any], lease: Lease | None = None) -> None:
         """_summary.json, then _SUCCESS (every result file is already written and checked); the work folder, the
-        lease with it, goes last (a leftover one is harmless). A run that lost its lease publishes nothing."""
+        lease with it, goes last (a leftover one is harmless). A run that lost its lease publishes nothing: the
+        lease file is read once more, after the last renewal, to be sure it is still this run's."""
+        lease = lease or self.lease
         if lease is not None:
             lease.stop_renewing()
-            lease.check()
+            lease.check(verify=True)
         self.storage.write_json(f"{self.out}/{SUMMARY}", summary)
         self.storage.write_text(f"{self.out}/{SUCCESS}", "")
-        self.storage.remove(f"{self.out}/{WORK}")
+        self._remove(f"{self.out}/{WORK}")
 
     def read_summary(self) -> dict[str, Any] | None:
         return self.storage.read_json(f"{self.out}/{SUMMARY}")

@@ -25,6 +25,7 @@ EMPTY_TEXT = "empty_text"
 NO_CANDIDATES = "no_candidates"
 NOT_IN_CORPUS = "doc_not_in_corpus"
 NAN_SCORE = "score_not_finite"
+MODEL_ERROR = "model_error"  # the model raised on this pair alone (isolated by the model stage); detail: its error
 DUPLICATE = "duplicate"
 INVALID_UTF8 = "invalid_utf8"
 TEXT_TOO_LONG = "text_too_long"
@@ -96,7 +97,14 @@ class InputLayout:
 
     @property
     def reject_schema(self) -> pa.Schema:
-        return pa.schema([("query_id", self.query_id_type), ("doc_id", self.doc_id_type), ("reason", pa.string())])
+        return pa.schema(
+            [
+                ("query_id", self.query_id_type),
+                ("doc_id", self.doc_id_type),
+                ("reason", pa.string()),
+                ("detail", pa.string()),  # model_error: the model's error line; null for the other reasons
+            ]
+        )
 
 
 def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
@@ -104,7 +112,9 @@ def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
     names = set(schema.names)
     for col in ("query_id", "query"):
         if col not in names:
-            raise InputError(f"{where}: missing column {col!r} (found {sorted(names)}); see the README's input formats")
+            raise InputError(
+                f"{where}: missing column {col!r} (found {sorted(names)}); see docs/batch-job.md, input formats"
+            )
     if not _is_id_type(schema.field("query_id").type):
         raise InputError(f"{where}: query_id must be an integer or string, not {schema.field('query_id').type}")
     if not _is_text_type(schema.field("query").type):
@@ -122,7 +132,9 @@ def detect_layout(schema: pa.Schema, where: str, corpus: bool) -> InputLayout:
         source = "the table"
         layout = FLAT
     if "doc_id" not in fields:
-        raise InputError(f"{where}: no doc_id in {source} (found {sorted(fields)}); see the README's input formats")
+        raise InputError(
+            f"{where}: no doc_id in {source} (found {sorted(fields)}); see docs/batch-job.md, input formats"
+        )
     if not _is_id_type(fields["doc_id"]):
         raise InputError(f"{where}: doc_id must be an integer or string, not {fields['doc_id']}")
     has_text = "text" in fields
@@ -195,6 +207,7 @@ def explode_packed(table: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.T
             "query_id": empty.column("query_id"),
             "doc_id": pa.nulls(empty.num_rows, layout.doc_id_type),
             "reason": pa.array([NO_CANDIDATES] * empty.num_rows, pa.string()),
+            "detail": pa.nulls(empty.num_rows, pa.string()),
         }
     )
     parents = pc.list_parent_indices(cands)
@@ -291,8 +304,42 @@ def _split(pairs: pa.Table, reason: pa.Array, layout: InputLayout) -> tuple[pa.T
     bad = pc.is_valid(reason)
     if not pc.any(bad).as_py():
         return pairs, layout.reject_schema.empty_table()
-    rejects = pa.table({"query_id": pairs.column("query_id"), "doc_id": pairs.column("doc_id"), "reason": reason})
+    rejects = pa.table(
+        {
+            "query_id": pairs.column("query_id"),
+            "doc_id": pairs.column("doc_id"),
+            "reason": reason,
+            "detail": pa.nulls(pairs.num_rows, pa.string()),
+        }
+    )
     return pairs.filter(pc.invert(bad)), rejects.filter(bad).cast(layout.reject_schema)
+
+
+def as_rejects(table: pa.Table, layout: InputLayout) -> pa.Table:
+    """A unit's rejects in the reject schema; those of a run before the detail column get it, null."""
+    if "detail" not in table.column_names:
+        table = table.append_column("detail", pa.nulls(table.num_rows, pa.string()))
+    return table.select(layout.reject_schema.names).cast(layout.reject_schema)
+
+
+def split_model_errors(scored: pa.Table, errors: list[list], layout: InputLayout) -> tuple[pa.Table, pa.Table]:
+    """The pairs the model failed on (`errors`: [[pair index, error line], ...] from the model stage) -> rejects
+    with reason model_error and the error line as detail."""
+    if not errors:
+        return scored, layout.reject_schema.empty_table()
+    idx = np.asarray([e[0] for e in errors], dtype=np.int64)
+    bad = np.zeros(scored.num_rows, dtype=bool)
+    bad[idx] = True
+    failed = scored.take(pa.array(idx))
+    rejects = pa.table(
+        {
+            "query_id": failed.column("query_id"),
+            "doc_id": failed.column("doc_id"),
+            "reason": pa.array([MODEL_ERROR] * len(idx), pa.string()),
+            "detail": pa.array([str(e[1]) for e in errors], pa.string()),
+        }
+    )
+    return scored.filter(pa.array(~bad)), rejects.cast(layout.reject_schema)
 
 
 def split_non_finite(scored: pa.Table, layout: InputLayout) -> tuple[pa.Table, pa.Table]:

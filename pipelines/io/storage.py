@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import os
+import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,6 +112,39 @@ class Storage:
     def uri(self, path: str) -> str:
         return path if self.protocol == "file" else f"{self.protocol}://{path}"
 
+    # ------------------------------------------------------------------ where a path really is
+
+    def resolved(self, path: str) -> str:
+        """The place a path names, for comparing places (inputs, outputs, what a deletion may touch). Local disk:
+        the real path (symlinks followed, ``..``, repeated and trailing slashes gone; a part that does not exist
+        yet is taken as spelled). S3: the prefix with repeated and trailing slashes gone (``s3://b/x``,
+        ``s3://b/x/`` and ``s3://b//x`` are one prefix)."""
+        if self.protocol == "file":
+            return os.path.realpath(path)
+        return _collapse(path)
+
+    def location(self, path: str) -> str:
+        """Where a file or folder itself lies (what deleting it removes): its parent resolved, its own name as it
+        is (a symlink names the link, not its target). S3: as `resolved`."""
+        if self.protocol != "file":
+            return _collapse(path)
+        path = os.path.abspath(path)
+        parent, name = os.path.split(path)
+        return os.path.join(os.path.realpath(parent), name) if name else path
+
+    def _spellings(self, path: str, follow: bool = True) -> set[str]:
+        """The places a path may name, for an overlap check that errs on the side of refusing: on S3 both the
+        key as written (slashes collapsed) and with ``.`` and ``..`` parts applied (S3 keys take them literally,
+        some tools do not)."""
+        first = self.resolved(path) if follow else self.location(path)
+        if self.protocol == "file":
+            return {first}
+        return {first, posixpath.normpath("/" + first).lstrip("/")}
+
+    def overlaps(self, a: str, b: str) -> bool:
+        """True when one path is the other or lies inside it, compared on resolved paths."""
+        return any(_inside(x, y) or _inside(y, x) for x in self._spellings(a) for y in self._spellings(b))
+
     # ------------------------------------------------------------------ reading
 
     def list_parquet(self, uris: str | list[str]) -> list[FileInfo]:
@@ -193,9 +228,11 @@ class Storage:
         """Check that the output folder may be written as asked (nothing is deleted yet); returns its path."""
         path = self.path(uri)
         for other in protect:
-            o = other.rstrip("/")
-            if o == path or o.startswith(path + "/") or path.startswith(o + "/"):
-                raise OutputError(f"output.uri {uri} overlaps the input {self.uri(o)}; choose a separate folder")
+            if self.overlaps(path, other):
+                raise OutputError(
+                    f"output.uri {uri} overlaps the input {self.uri(other.rstrip('/'))} (compared where they really "
+                    "are, symlinks followed); choose a separate folder"
+                )
         try:
             exists = self.fs.exists(path) and (not self.fs.isdir(path) or bool(self.fs.ls(path)))
         except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
@@ -206,11 +243,14 @@ class Storage:
             )
         return path
 
-    def clear_output(self, path: str) -> None:
-        """Delete what an earlier run left (output.mode=overwrite was checked by check_output)."""
+    def clear_output(self, path: str, protect: tuple[str, ...] | list[str] = ()) -> None:
+        """Delete what an earlier run left (output.mode=overwrite was checked by check_output): what the folder
+        holds, never a place outside it or one that `protect` names (see `remove`)."""
         if self.fs.exists(path):
             log.info("output.mode=overwrite: deleting %s", self.uri(path))
-            self.fs.rm(path, recursive=True)
+            self.check_clearable(path, protect)
+            for entry in self.fs.ls(path, detail=False):
+                self.remove(entry, within=path, protect=protect)
         if self.protocol == "file":
             os.makedirs(path, exist_ok=True)
 
@@ -301,15 +341,57 @@ class Storage:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
-    def remove(self, path: str) -> None:
-        """Delete a file or a folder tree; missing is fine."""
+    def remove(self, path: str, within: str | None = None, protect: tuple[str, ...] | list[str] = ()) -> None:
+        """Delete a file or a folder tree; missing is fine. On local disk a symlink is removed as a link (its
+        target is never followed, nor are links inside a deleted tree).
+        `within`: a second guard for deletions in an output folder: refused (OutputError, nothing deleted) unless
+        the place `path` lies is inside the resolved `within`, and unless it neither holds nor lies in any of
+        `protect` (the job's inputs): an output folder that is a symlink to, or another spelling of, the input
+        never gets the input deleted, whatever checked it before."""
+        if within is not None:
+            self.check_removal(path, within, protect)
         try:
-            if self.fs.exists(path):
+            if self.protocol == "file":
+                if os.path.islink(path) or os.path.isfile(path):
+                    os.unlink(path)
+                elif os.path.isdir(path):
+                    shutil.rmtree(path)
+            elif self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
         except Exception as err:  # noqa: BLE001
             raise OutputError(f"cannot delete {self.uri(path)}: {_short(err)}") from None
+
+    def check_removal(self, path: str, within: str, protect: tuple[str, ...] | list[str] = ()) -> None:
+        """Raise OutputError unless deleting `path` removes nothing outside the resolved folder `within` and
+        nothing of `protect` (see `remove`). Where `path` itself lies counts: a symlink is deleted as a link."""
+        here = self._spellings(path, follow=False)
+        if not any(_inside(w, r) for w in here for r in self._spellings(within)):
+            raise OutputError(
+                f"refusing to delete {self.uri(path)}: it lies at {self.uri(self.location(path))}, outside the output "
+                f"folder {self.uri(within)} (really {self.uri(self.resolved(within))}); point output.uri at a folder "
+                "of its own"
+            )
+        for other in protect:
+            if any(_inside(p, w) or _inside(w, p) for w in here for p in self._spellings(other)):
+                raise OutputError(
+                    f"refusing to delete {self.uri(path)}: it is, holds or lies in the job's input {self.uri(other)} "
+                    "(compared where they really are, symlinks followed); point output.uri at a folder outside the "
+                    "input"
+                )
+
+    def check_clearable(self, folder: str, protect: tuple[str, ...] | list[str] = ()) -> None:
+        """Raise OutputError if the folder an overwrite empties is, holds or lies in any of `protect` (the job's
+        inputs), compared where they really are (a symlinked or otherwise spelled output folder included)."""
+        for other in protect:
+            if self.overlaps(folder, other):
+                really = self.resolved(folder)
+                where = f" (really {self.uri(really)})" if really != folder.rstrip("/") else ""
+                raise OutputError(
+                    f"refusing to empty output folder {self.uri(folder)}{where}: it overlaps the job's input "
+                    f"{self.uri(other)}; point output.uri at a folder outside the input"
+                )
 
     def check_writable(self, folder: str) -> None:
         """Write and delete a probe file, so an unwritable output is found before any scoring."""
@@ -360,6 +442,19 @@ def credentials_to_environment(config: StorageConfig, joining_cluster: bool) -> 
         if value is not None:
             os.environ[env] = value.get_secret_value()
     return config.without_credentials()
+
+
+def _collapse(path: str) -> str:
+    """An S3 path (bucket/key) with repeated slashes collapsed and trailing ones stripped."""
+    parts = [p for p in path.split("/") if p]
+    return "/".join(parts)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies inside it (both already resolved or normalised)."""
+    if path == folder or not folder:  # "": a whole store (an S3 path normalised to nothing)
+        return True
+    return path.startswith(folder if folder.endswith("/") else folder + "/")
 
 
 def _local_write(path: str, data: bytes, exclusive: bool) -> None:

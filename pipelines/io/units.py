@@ -122,13 +122,16 @@ def needs_footer_for_identity(storage: Storage) -> bool:
 @dataclass(frozen=True)
 class Unit:
     """A unit of work: rows [start, end) of one input file, whole row groups or a slice of one; `chain` names the
-    row group a slice belongs to ("" for whole row groups), so the scheduler can hand a chain to one reader."""
+    row group a slice belongs to ("" for whole row groups), so the scheduler can hand a chain to one reader.
+    Small files (and files' small tails) are combined: `more` holds the further (path, start, end) ranges of whole
+    row groups of other files that the unit reads after its first, so many small files make few units."""
 
     uid: str
     path: str
     start: int
     end: int
     chain: str = ""
+    more: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def of(cls, path: str, start: int, end: int, chain: str = "") -> Unit:
@@ -138,18 +141,64 @@ class Unit:
         stem = re.sub(r"[^A-Za-z0-9]+", "-", path.rsplit("/", 1)[-1].removesuffix(".parquet"))[:40]
         return cls(f"{stem}-{start}-{digest}", path, start, end, chain)
 
+    @classmethod
+    def combined(cls, units: list[Unit]) -> Unit:
+        """Whole-row-group units of several files as one unit (its uid from every range it reads)."""
+        if len(units) == 1:
+            return units[0]
+        first = units[0]
+        ranges = [(u.path, u.start, u.end) for u in units]
+        digest = hashlib.sha1(";".join(f"{p}|{s}|{e}" for p, s, e in ranges).encode()).hexdigest()[:16]
+        stem = Unit.of(first.path, first.start, first.end).uid.rsplit("-", 2)[0]
+        return cls(
+            f"{stem}-{first.start}+{len(units) - 1}-{digest}", first.path, first.start, first.end, "", tuple(ranges[1:])
+        )
+
+    @property
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """Every (path, start, end) the unit reads, in order."""
+        return [(self.path, self.start, self.end), *self.more]
+
+    @property
+    def rows(self) -> int:
+        return sum(e - s for _, s, e in self.ranges)
+
     def to_list(self) -> list:
-        return [self.uid, self.path, self.start, self.end, self.chain]
+        out = [self.uid, self.path, self.start, self.end, self.chain]
+        return out + [[list(r) for r in self.more]] if self.more else out
 
     @classmethod
     def from_list(cls, row: list) -> Unit:
-        return cls(*row)
+        more = tuple(tuple(r) for r in row[5]) if len(row) > 5 else ()
+        return cls(*row[:5], more=more)
 
 
 def plan_units(footers: list[Footer], layout: InputLayout, unit_rows: int) -> tuple[list[Unit], int]:
-    """Cut every file into units along its row groups (see the module docstring); returns the units and the
-    input's row count. Zero-row files give no unit."""
+    """Cut every file into units along its row groups (see the module docstring), then combine consecutive small
+    units (small files, files' tails) into units of at most unit_rows pairs; returns the units and the input's
+    row count. Zero-row files give no unit."""
+    sized, total = _file_units(footers, layout, unit_rows)
     units: list[Unit] = []
+    group: list[Unit] = []
+    group_pairs = 0
+    for unit, pairs in sized:
+        if unit.chain or (group and group_pairs + pairs > unit_rows):
+            if group:
+                units.append(Unit.combined(group))
+            group, group_pairs = [], 0
+        if unit.chain:
+            units.append(unit)
+            continue
+        group.append(unit)
+        group_pairs += pairs
+    if group:
+        units.append(Unit.combined(group))
+    return units, total
+
+
+def _file_units(footers: list[Footer], layout: InputLayout, unit_rows: int) -> tuple[list[tuple[Unit, int]], int]:
+    """Each file's units along its row groups, with their pairs."""
+    units: list[tuple[Unit, int]] = []
     total = 0
     for footer in footers:
         path = footer.info.path
@@ -159,22 +208,23 @@ def plan_units(footers: list[Footer], layout: InputLayout, unit_rows: int) -> tu
                 continue
             if pairs > unit_rows:  # a large row group: slices of about unit_rows pairs, one chain
                 if run_pairs:
-                    units.append(Unit.of(path, run_start, offset))
+                    units.append((Unit.of(path, run_start, offset), run_pairs))
                 slices = math.ceil(pairs / unit_rows)
                 step = math.ceil(rows / slices)
                 chain = f"{path}#{i}"
                 units += [
-                    Unit.of(path, s, min(offset + rows, s + step), chain) for s in range(offset, offset + rows, step)
+                    (Unit.of(path, s, min(offset + rows, s + step), chain), pairs // slices)
+                    for s in range(offset, offset + rows, step)
                 ]
                 run_start, run_pairs = offset + rows, 0
             else:
                 if run_pairs and run_pairs + pairs > unit_rows:
-                    units.append(Unit.of(path, run_start, offset))
+                    units.append((Unit.of(path, run_start, offset), run_pairs))
                     run_start, run_pairs = offset, 0
                 run_pairs += pairs
             offset += rows
         if run_pairs:
-            units.append(Unit.of(path, run_start, offset))
+            units.append((Unit.of(path, run_start, offset), run_pairs))
         total += offset
     return units, total
 
@@ -199,7 +249,18 @@ class UnitReader:
         self._schema_cache: tuple[tuple[str, ...], pa.Schema] | None = None
 
     def read(self, unit: Unit, columns: list[str]) -> pa.Table:
-        """Rows [start, end) of the unit's file, only the given columns, dictionary columns decoded."""
+        """Rows [start, end) of the unit's file (and its further ranges, for a unit of several small files), only
+        the given columns, dictionary columns decoded."""
+        if unit.more:
+            parts = self._read_ranges(unit, columns)
+            schema = parts[0].schema
+            try:
+                return pa.concat_tables([t if t.schema == schema else t.cast(schema) for t in parts])
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise InputError(
+                    f"the files of unit {unit.uid} ({', '.join(self.storage.uri(p) for p, _, _ in unit.ranges[:3])} "
+                    f"...) have columns of types that do not combine: {err}"
+                ) from None
         try:
             table = self._read(unit, columns)
         except Exception as err:  # noqa: BLE001 - a damaged file or a storage failure: name the file either way
@@ -210,6 +271,22 @@ class UnitReader:
                 f"{type(err).__name__}: {first}"
             ) from None
         return records.decode_dictionaries(table)
+
+    def _read_ranges(self, unit: Unit, columns: list[str]) -> list[pa.Table]:
+        """A combined unit's ranges (whole row groups of small files), read a few at a time: on S3 each is a GET
+        or two, whose latency would add up one after the other."""
+        ranges = [Unit(unit.uid, p, s, e) for p, s, e in unit.ranges]
+        if len(ranges) < 4 or self.storage.protocol == "file":
+            return [self.read(r, columns) for r in ranges]
+
+        def one(r: Unit) -> tuple[pa.Table, int]:
+            reader = UnitReader(self.storage)
+            return reader.read(r, columns), reader.rows_decoded
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            done = list(pool.map(one, ranges))
+        self.rows_decoded += sum(n for _, n in done)
+        return [t for t, _ in done]
 
     def _read(self, unit: Unit, columns: list[str]) -> pa.Table:
         key = tuple(columns)

@@ -5,7 +5,8 @@ hold the output folder (one job per output, `hold_output`). The units of work ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import RerankJobConfig, StorageConfig
@@ -112,12 +113,53 @@ def _refuse_changed_job(
 
 
 def _input_roots(storage: Storage, uris: str | list[str]) -> list[str]:
+    """The folders (or files) an input URI names: a glob's folder above its first pattern character."""
     roots = []
     for uri in [uris] if isinstance(uris, str) else uris:
         path = storage.path(uri)
         cut = min((path.index(c) for c in "*?[" if c in path), default=None)
         roots.append(path[:cut].rsplit("/", 1)[0] if cut is not None else path)
     return roots
+
+
+def _check_overlaps(
+    config: RerankJobConfig,
+    out_storage: Storage,
+    out_path: str,
+    inputs: list[tuple[str, Storage, list[str], list[str]]],
+) -> list[str]:
+    """Refuse an output folder that is, holds or lies in any input (its files or the folders named), compared on
+    resolved paths (local: symlinks, ``..``, repeated and trailing slashes; S3: prefix spellings): a later run
+    would read the results as input, and an overwrite would delete the input. The same for a local model folder
+    and model.cache_dir. `inputs`: (what, storage, roots, files). Returns the resolved paths no deletion in the
+    output may touch."""
+    protect: list[str] = []
+    for what, storage, roots, files in inputs:
+        if storage.protocol != out_storage.protocol:
+            continue
+        for other in roots + files:
+            if out_storage.overlaps(out_path, other):
+                really = out_storage.resolved(out_path)
+                shown = f" (really {out_storage.uri(really)})" if really != out_path.rstrip("/") else ""
+                target = storage.resolved(other)
+                other_shown = f" (really {storage.uri(target)})" if target != other.rstrip("/") else ""
+                raise OutputError(
+                    f"output.uri {config.output.uri}{shown} overlaps the {what} {storage.uri(other)}{other_shown}: a "
+                    "later run would read the results as input, and output.mode=overwrite would delete it; choose "
+                    f"a folder outside the {what}"
+                )
+            protect.append(storage.resolved(other))
+    if out_storage.protocol == "file":
+        for what, folder in (("model folder", config.model.name_or_path), ("model.cache_dir", config.model.cache_dir)):
+            local = os.path.expanduser(folder) if folder else None
+            if local and os.path.isdir(local):
+                if out_storage.overlaps(out_path, os.path.abspath(local)):
+                    raise OutputError(
+                        f"output.uri {config.output.uri} overlaps the {what} {os.path.abspath(local)} (compared where "
+                        "they really are): output.mode=overwrite could delete it; choose a folder outside it"
+                    )
+                protect.append(os.path.realpath(local))
+    return sorted(set(protect))
 
 
 @dataclass
@@ -136,6 +178,8 @@ class JobPlan:
     state: str
     fingerprint: dict[str, Any]
     seen: tuple[bool, bool] = (False, False)  # _output_seen when planned: hold_output checks it again
+    protected: list[str] = field(default_factory=list)  # resolved input paths: no deletion in the output touches them
+    lease: Lease | None = field(default=None, repr=False, compare=False)  # the output's, once hold_output took it
 
     @property
     def paths(self) -> list[str]:
@@ -143,7 +187,9 @@ class JobPlan:
 
     @property
     def progress(self) -> Progress:
-        return Progress(self.out_storage, self.out_path)
+        """The output folder's state, as this run's: once the plan holds the lease, nothing is read, written or
+        deleted there as this run's after it is lost; no deletion touches the job's inputs."""
+        return Progress(self.out_storage, self.out_path, self.lease, self.protected)
 
     @property
     def already_complete(self) -> bool:
@@ -179,22 +225,18 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     storage, files, footers, layout = inspect_input(config, planned)
     corpus = inspect_corpus(config, layout) if config.input.corpus_uri else None
     model = describe_model(config.model, joins_cluster() if on_cluster is None else on_cluster)
-    if out_storage.protocol == storage.protocol:
-        protect = [f.path for f in files] + _input_roots(storage, config.input.uri)
-        if corpus:
-            protect += [f.info.path for f in corpus[1]] + _input_roots(corpus[0], config.input.corpus_uri)
-        for other in protect:
-            o = other.rstrip("/")
-            if o == out_path or o.startswith(out_path + "/") or out_path.startswith(o + "/"):
-                raise OutputError(
-                    f"output.uri {config.output.uri} overlaps the input {storage.uri(o)}: a later run would read "
-                    "the results as input; choose a folder outside the input"
-                )
-    holder = live_lease(progress, config.output.lease_timeout_s) if state != EMPTY else None
-    if holder is not None:
+    inputs = [("input", storage, _input_roots(storage, config.input.uri), [f.path for f in files])]
+    if corpus:
+        inputs.append(
+            ("corpus", corpus[0], _input_roots(corpus[0], config.input.corpus_uri), [f.info.path for f in corpus[1]])
+        )
+    protected = _check_overlaps(config, out_storage, out_path, inputs)
+    timeout = config.output.lease_timeout_s
+    holder = live_lease(progress, timeout) if state != EMPTY else None
+    if holder is not None:  # not stale by its holder's rule (its own timeout; alive on this machine)
         raise OutputError(
-            f"output {config.output.uri} is in use by another run ({describe_holder(holder, holder['age_s'])}); "
-            "wait for it to finish, or stop it; one job writes one output folder at a time"
+            f"output {config.output.uri} is in use by another run ({describe_holder(holder, holder['age_s'], timeout)}"
+            "); wait for it to finish, or stop it; one job writes one output folder at a time"
         )
     identities = _identities(storage, files, footers)
     if corpus:
@@ -228,9 +270,9 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     if not (mode == "resume" and state == COMPLETE):
         progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
         out_storage.check_writable(progress_dir)
-    return JobPlan(
-        config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint, seen
-    )
+    plan = JobPlan(config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint)
+    plan.seen, plan.protected = seen, protected
+    return plan
 
 
 class OutputChanged(OutputError):
@@ -248,7 +290,7 @@ def hold_output(plan: JobPlan) -> Lease:
     it); the caller passes it to `run_rerank`, which releases it. Entry points take it before Ray starts, so a
     second run is refused at once. OutputChanged if the folder changed since the plan looked at it (a run that
     held it finished in between): plan again (`plan_and_hold` does)."""
-    lease = Lease(plan.progress, plan.config.output.lease_timeout_s)
+    lease = Lease(Progress(plan.out_storage, plan.out_path), plan.config.output.lease_timeout_s)
     lease.acquire(takeover=plan.config.output.mode in ("resume", "overwrite"))
     if _output_seen(plan.progress) != plan.seen:
         lease.release()
@@ -256,6 +298,7 @@ def hold_output(plan: JobPlan) -> Lease:
             f"output {plan.config.output.uri} changed while this run was starting (another run finished or wrote "
             "there); run the command again"
         )
+    plan.lease = lease
     return lease
 
 

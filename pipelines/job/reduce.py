@@ -102,7 +102,7 @@ def merge_group(group: int, partials: list[tuple[str, int]], rejects: list[str],
         placed = {str(b): i for i, b in enumerate(present)}
     rejected_rows = 0
     if bad:
-        merged = pa.concat_tables([t.cast(spec.layout.reject_schema) for t in bad])
+        merged = pa.concat_tables([records.as_rejects(t, spec.layout) for t in bad])
         out.write_parquet(progress.rejects_path(f"part-{group:05d}"), merged)
         rejected_rows = merged.num_rows
     return {"group": group, "buckets": placed, "rejected_rows": rejected_rows}

@@ -24,10 +24,10 @@ from typing import Any
 from pipelines.config import RerankJobConfig
 from pipelines.engine.pool import model_stage, resolve_pool
 from pipelines.engine.ray_data import rerank_error, root_cause
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, OutputError
 from pipelines.io import rows as records
 from pipelines.io.commit import COMPLETE, EMPTY, INCOMPLETE, SUCCESS
-from pipelines.io.lease import Lease
+from pipelines.io.lease import Lease, LeaseLost
 from pipelines.io.rows import PACKED
 from pipelines.io.units import Unit, plan_units, read_footers
 from pipelines.job.join import join_corpus, join_partitions, joined_layout
@@ -85,6 +85,7 @@ def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, st
 def _run_leased(
     config: RerankJobConfig, plan: JobPlan, lease: Lease, started: float, scale: dict[str, Any], model: dict[str, Any]
 ) -> JobSummary:
+    plan.lease = lease  # from here the plan's view of the output is this run's: nothing done there once it is lost
     progress = plan.progress
     if (
         config.output.mode != "overwrite"
@@ -93,7 +94,7 @@ def _run_leased(
     ):  # only an overwrite replaces a finished output's results (hold_output's check makes this unreachable)
         raise OutputChanged(f"output {config.output.uri} was finished by another run while this one started")
     if config.output.mode == "overwrite" and plan.state != EMPTY:
-        progress.clear_all()
+        progress.clear_all()  # only while this run still holds the lease, only inside the output, never an input
 
     manifest = progress.read_manifest() if plan.state == INCOMPLETE else None
     layout = plan.layout
@@ -152,6 +153,7 @@ def _run_leased(
         max_text_bytes=config.input.max_text_bytes,
         corpus=plan.corpus is not None,
         corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
+        lease_token=lease.token,
     )
     timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
     # Commit records: those of this run come back from the actors; only units done before it are read back.
@@ -159,7 +161,7 @@ def _run_leased(
     for _, record in progress.read_done([u.uid for u in units if u.uid in done]):
         totals.add(record, now=False)
     if todo:
-        _score(spec, todo, scale, config, timings, totals)
+        _score(spec, todo, scale, config, timings, totals, lease)
     if totals.units != len(units):  # every unit commits exactly once, or the job says so (never silent loss)
         raise JobError(
             f"{len(units) - totals.units} of {len(units)} units came back without a commit record; rerun with "
@@ -181,7 +183,7 @@ def _run_leased(
         },
     )
     summary.fingerprint = plan.fingerprint
-    lease.check()  # a run that lost the output folder to another must not touch its results
+    lease.check(verify=True)  # a run that lost the output folder to another must not touch its results
     reduce_started = time.perf_counter()
     reduce(plan, layout, totals, summary)
     timings["reduce_s"] = time.perf_counter() - reduce_started
@@ -217,17 +219,20 @@ def _score(
     config: RerankJobConfig,
     timings: dict[str, float],
     totals: Totals,
+    lease: Lease,
 ) -> None:
     """The scoring phase: the units' stages as one streaming Ray Data pipeline; commit records folded as they
-    come back."""
+    come back. A run that loses the output's lease stops: its commit tasks check it before they write (see
+    `stages.commit_units`), and the driver at every record that comes back."""
     import ray
     import ray.data
 
     from pipelines.engine.ray_data import apply, data_context
 
+    lease.check(verify=True)
     chains = chains_of(units)
     started, started_at = time.monotonic(), time.time()
-    line = _ProgressLine(len(units), sum(u.end - u.start for u in units), spec.layout.layout == PACKED, started)
+    line = _ProgressLine(len(units), sum(u.rows for u in units), spec.layout.layout == PACKED, started)
     with data_context(
         wait_for_min_actors_s=config.scale.actor_start_timeout_s,
         execution_no_progress_timeout_s=config.scale.stall_timeout_s,
@@ -263,12 +268,32 @@ def _score(
                         finished += 1
                         pairs += record["pairs_scored"]
                 line.show(now, finished, pairs, last=finished == len(units))
+                lease.check()  # lost: leave the loop, which stops the pipeline (see _counted)
         except Exception as err:  # noqa: BLE001 - ours re-raised as it is, Ray's named in one line
+            _raise_if_lost(lease, finished)  # the cause, whatever Ray kept of a commit task's error
             ours = rerank_error(err)
             if ours is not None:
-                raise ours from None
+                raise _counted(ours, finished) from None
             raise JobError(_scoring_failure(err, config, scale, finished, len(units))) from None
     timings["scoring_s"] = time.monotonic() - started - timings.get("first_actor_s", 0.0)
+
+
+def _raise_if_lost(lease: Lease, finished: int) -> None:
+    """When the scoring stages fail, LeaseLost if the run lost its output (its commit tasks refuse to write then,
+    and Ray does not always hand their error back)."""
+    try:
+        lease.check(verify=True)
+    except LeaseLost as lost:
+        raise _counted(lost, finished) from None
+    except OutputError:  # the lease cannot be read now: the scoring failure says more
+        pass
+
+
+def _counted(err: Exception, finished: int) -> Exception:
+    """A lost lease says how many units this run had committed before it stopped (none of them published)."""
+    if isinstance(err, LeaseLost) and finished:
+        return LeaseLost(f"{err} ({finished} unit(s) committed by this run before it stopped)")
+    return err
 
 
 def _scoring_failure(err: BaseException, config, scale: dict[str, Any], finished: int, total: int) -> str:

@@ -5,10 +5,12 @@
   dropped, the rest tokenised (``pipelines.engine.model_stage.encode_pairs``), with the unit's keys, rejects and counts.
   A chain is read by one task, slice after slice, so each row is decoded once.
 - the model stage scores the row;
-- ``commit_units`` (CPU tasks): scores -> non-finite scores rejected -> the top-N of every query the unit holds
+- ``commit_units`` (CPU tasks): scores -> pairs the model failed on rejected (model_error, with the error line
+  as detail) -> non-finite scores rejected -> the top-N of every query the unit holds
   (a query's global top-N is among the union of these) -> the unit's commit: its partial top-N, its rejects and
   its record, under names fixed by the unit (``pipelines.io.commit``). A retried or resumed unit rewrites the same
-  files; a unit without a commit record is redone.
+  files; a unit without a commit record is redone. Right before it writes, it reads the output's lease: a run
+  whose output was taken over by another run commits nothing more (``pipelines.io.lease.check_held``).
 
 No Ray here: ``pipelines.engine.ray_data`` runs these as Ray Data stages.
 """
@@ -26,9 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ModelConfig, StorageConfig
-from pipelines.engine.model_stage import ACTOR, SCORES, WINDOWS, WORKER, encode_pairs, from_ipc, ipc_bytes
+from pipelines.engine.model_stage import ACTOR, ERRORS, SCORES, WINDOWS, WORKER, encode_pairs, from_ipc, ipc_bytes
 from pipelines.io import rows as records
 from pipelines.io.commit import Progress
+from pipelines.io.lease import check_held
 from pipelines.io.rows import PACKED, InputLayout
 from pipelines.io.storage import Storage
 from pipelines.io.units import Unit, UnitReader
@@ -49,6 +52,7 @@ class UnitSpec:
     max_text_bytes: int
     corpus: bool
     corpus_packed: bool = False  # joined input made from packed candidates (rows marked _no_candidates)
+    lease_token: str | None = None  # the run's lease of the output: a unit commits only while the run still holds it
 
 
 def chains_of(units: list[Unit]) -> list[list[Unit]]:
@@ -125,8 +129,9 @@ def _commit(row: dict[str, Any], spec: UnitSpec, progress: Progress) -> dict[str
     if len(scores) != keys.num_rows:
         raise JobError(f"unit {record['uid']}: {keys.num_rows} pairs to score but {len(scores)} scores came back")
     scored = keys.append_column("score", pa.array(scores, pa.float32()))
+    scored, model_errors = records.split_model_errors(scored, json.loads(row.get(ERRORS) or "[]"), layout)
     scored, non_finite = records.split_non_finite(scored, layout)
-    rejected = pa.concat_tables([rejected, non_finite.cast(layout.reject_schema)])
+    rejected = pa.concat_tables([rejected, model_errors, non_finite.cast(layout.reject_schema)])
     top = records.top_n_per_query(scored, spec.top_n, with_rank=False)
     by_reason = {item["values"]: item["counts"] for item in pc.value_counts(rejected.column("reason")).to_pylist()}
     record |= {
@@ -148,5 +153,8 @@ def _commit(row: dict[str, Any], spec: UnitSpec, progress: Progress) -> dict[str
         )
     partial = parquet_bytes(top) if top.num_rows else None
     record["partial_bytes"] = len(partial) if partial is not None else 0
-    progress.commit_unit(record["uid"], partial, parquet_bytes(rejected) if rejected.num_rows else None, record)
+    rejects = parquet_bytes(rejected) if rejected.num_rows else None
+    if spec.lease_token is not None:  # a run whose output was taken over by another writes nothing more there
+        check_held(progress, spec.lease_token)
+    progress.commit_unit(record["uid"], partial, rejects, record)
     return record

@@ -203,6 +203,23 @@ class Encoded:
             n_pairs=int(np.asarray(d["n_pairs"]).reshape(-1)[0]),
         )
 
+    def subset(self, pairs: np.ndarray) -> Encoded:
+        """The units of some pairs (`pairs`: sorted pair indices), renumbered 0..len(pairs)-1, still sorted by
+        length: what scoring part of a call takes (isolating a pair the model fails on)."""
+        pairs = np.asarray(pairs, dtype=np.int64)
+        keep = np.isin(self.unit_pair, pairs)
+        lengths = self.lengths[keep]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        token_keep = np.repeat(keep, self.lengths)
+        return Encoded(
+            ids=self.ids[token_keep],
+            offsets=offsets,
+            types=None if self.types is None else self.types[token_keep],
+            unit_pair=np.searchsorted(pairs, self.unit_pair[keep]),
+            n_pairs=len(pairs),
+        )
+
     @classmethod
     def pack(cls, units: list[list[int]], types: list[list[int]] | None, unit_pair: Sequence[int], n_pairs: int):
         """Units in any order -> the stored form: sorted by length (longest first, stable) and concatenated."""
