@@ -149,15 +149,22 @@ def connect(ray_config: RayConfig | None = None) -> bool:
         loopback = is_loopback(host)
         if loopback:
             _loopback_only()
-        ray.init(
-            address="local",
-            _node_ip_address=host,
-            num_cpus=local_num_cpus(ray_config),
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.loopback_worker_setup"} if loopback else None,
-        )
+        try:
+            ray.init(
+                address="local",
+                _node_ip_address=host,
+                num_cpus=local_num_cpus(ray_config),
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+                runtime_env={"worker_process_setup_hook": f"{__name__}.loopback_worker_setup"} if loopback else None,
+            )
+        except SystemExit as exit_:
+            # ray.init answers SIGTERM with sys.exit(15) while it starts: under stop_on_signals that is a stop.
+            if exit_.code == signal.SIGTERM and handlers:
+                raise Stopped(signal.SIGTERM) from None
+            raise
+        _start_reaper()
         return True
     finally:
         _restore_handlers(handlers)
@@ -170,12 +177,48 @@ def shutdown(timeout_s: float = 15.0) -> None:
     whose only child processes are Ray's."""
     import ray
 
+    _stop_reaper()
     procs = _descendants()
+    handlers = _python_handlers()
+    started = ray.is_initialized()
     try:
-        if ray.is_initialized():
+        if started:
             ray.shutdown()
     finally:
-        _reap(procs, timeout_s)
+        # ray.shutdown leaves SIGTERM at its default action: a second signal while stopping would kill this
+        # process before it says how far it got.
+        _restore_handlers(handlers)
+        # A Ray whose start-up was interrupted never stops by itself: no wait for it.
+        _reap(procs, timeout_s if started else 0.0, quiet=not started)
+
+
+_REAPER: list = []
+
+
+def _start_reaper() -> None:
+    """The watchdog that stops this local Ray if this process dies without shutting it down (SIGKILL)."""
+    import subprocess
+    import sys
+
+    try:
+        _REAPER.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipelines.engine.reaper", str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+    except OSError as err:  # the job runs without it; only a SIGKILLed driver would leave Ray behind
+        log.warning("cannot start the watchdog of the local Ray: %s", err)
+
+
+def _stop_reaper() -> None:
+    while _REAPER:
+        proc = _REAPER.pop()
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def _descendants() -> list:
@@ -187,14 +230,24 @@ def _descendants() -> list:
         return []
 
 
-def _reap(procs: list, timeout_s: float) -> None:
+def _reap(procs: list, timeout_s: float, quiet: bool = False) -> None:
+    """Wait up to timeout_s for `procs` to end; stop the rest (SIGTERM, then SIGKILL 3 s later), logged in one
+    line unless `quiet` (a start-up that was interrupted: nothing else would stop them)."""
     if not procs:
         return
     import psutil
 
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    if not alive:
+        return
+    if not quiet:
+        names = ", ".join(sorted({_name(p) for p in alive}))
+        log.warning("%d Ray process(es) still running after shutdown (%s); stopping them", len(alive), names)
     for proc in alive:
-        log.warning("Ray process %d (%s) still running after shutdown; killing it", proc.pid, _name(proc))
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=3)
+    for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
@@ -375,26 +428,59 @@ class Stopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Within the block, the first SIGINT or SIGTERM raises `Stopped` in the main thread; later ones are ignored
-    so that the stop that follows (actors killed, Ray shut down) runs to its end. Explicit handlers also undo an
-    ignored SIGINT inherited by a process started in the background. Off the main thread it does nothing."""
+    so that the stop that follows (actors killed, Ray shut down, the stop line) runs to its end. Explicit handlers
+    also undo an ignored SIGINT inherited by a process started in the background. Off the main thread it does
+    nothing.
+
+    Ray's core worker sets SIGTERM back to its default action on some of its paths (ray.shutdown among them), and a
+    supervisor that retries sends a second SIGTERM within a second: so after the first signal, both are ignored
+    at the C level, and kept so by a thread until the block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     fired: list[int] = []
+    keep_ignoring = threading.Event()
 
     def handler(signum: int, frame) -> None:
         if fired:
             log.info("already stopping; %s ignored", signal.Signals(signum).name)
             return
         fired.append(signum)
+        _ignore_signals_until(keep_ignoring)
         raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
+        keep_ignoring.set()
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _ignore_signals_until(done: threading.Event, every_s: float = 0.02) -> None:
+    """SIGINT and SIGTERM ignored at the C level (libc signal(2): allowed off the main thread, unlike
+    signal.signal), re-asserted every `every_s` until `done` is set."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal.restype = ctypes.c_void_p
+    except (OSError, AttributeError):  # no libc to call: the Python handler ignores what reaches it
+        return
+    ignore = ctypes.c_void_p(1)  # SIG_IGN
+
+    def hold() -> None:
+        while True:
+            for sig in STOP_SIGNALS:
+                libc.signal(int(sig), ignore)
+            if done.wait(every_s):
+                return
+
+    for sig in STOP_SIGNALS:
+        libc.signal(int(sig), ignore)
+    threading.Thread(target=hold, name="rerank-ignore-signals", daemon=True).start()
 
 
 def _python_handlers() -> dict[int, object]:
