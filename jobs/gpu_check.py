@@ -1,6 +1,7 @@
 """GPU sizing check of the model stage: how many pairs/s one GPU scores, and how many CPUs it takes to feed it.
 
-    python jobs/gpu_check.py                         # CUDA, bfloat16, max_length 512 (about 2 minutes on an H200)
+    python jobs/gpu_check.py                         # CUDA, bfloat16, max_length 512 (about 4 minutes on an H100)
+    python jobs/gpu_check.py --models llama-1b-bidir # the seed's model only (about 2 minutes)
     python jobs/gpu_check.py --device cpu --quick    # a tiny smoke run (what tests/test_devices.py runs)
 
 What it does, all offline (no hub, no download):
@@ -8,16 +9,31 @@ What it does, all offline (no hub, no download):
    cross-encoders with a random init and num_labels 1, saved with save_pretrained and loaded back through the
    same from_pretrained path users take: MiniLM-L6 size (6 layers, hidden 384, 12 heads, intermediate 1536) and
    BERT-base size (12 layers, hidden 768, 12 heads, intermediate 3072);
-2. makes (query, passage) pairs from Cranfield (passages of one to three abstracts, so many reach max_length),
-   encodes them once with the model's PairEncoder, and times only the model stage, Scorer.score_encoded, at a
-   sweep of token budgets (model.max_batch_tokens; batch_size is raised so the budget is the limit);
-3. checks the scores of a sample against float32 on the CPU (max abs diff);
-4. measures the host side: PairEncoder.encode pairs/s on ONE CPU core (a child process pinned to one core,
-   TOKENIZERS_PARALLELISM=false), and prints the implied sizing: pairs/s per GPU and CPUs per GPU to feed it.
+2. the seed's model, NVIDIA's llama-nemotron-rerank-1b-v2, at its real shape with a random init
+   (`llama-1b-bidir`: Llama-3.2-1B, 16 layers, hidden 2048, 32 heads, 8 KV heads, intermediate 8192, vocabulary
+   128,256): a remote-code model (trust_remote_code, an auto_map in its config.json) whose code this script writes
+   into the model folder, from the public description of the architecture: Llama decoder layers with
+   bidirectional attention (a mask that hides padding only), the last hidden state mean-pooled over real tokens,
+   a one-logit linear head. Its pairs are ONE string, "question:{query} \\n \\n passage:{text}", tokenized as the
+   model card does (one begin-of-text token in front, truncation at max_length), with a real Llama-3 tokenizer
+   when one is in the local Hugging Face cache (or --llama-tokenizer), else a Llama-3-like one built here: a
+   byte-level BPE with Llama-3's pre-tokenizer pattern and specials, trained on Cranfield (about 14k entries
+   instead of 128k: a similar cost per token, not the same token counts; the report says which was used). It
+   is measured first and briefly (--llama-pairs, --llama-budgets, --llama-repeats);
+3. makes (query, passage) pairs from Cranfield (passages of one to three abstracts, so many reach max_length),
+   encodes them once (the BERT models with their PairEncoder, the Llama model with the one-string prompt), and
+   times only the model stage, Scorer.score_encoded, at a sweep of token budgets (model.max_batch_tokens;
+   batch_size is raised so the budget is the limit);
+4. checks the scores of a sample against float32 on the CPU (max abs diff);
+5. measures the host side on ONE CPU core (a child process pinned to one core, TOKENIZERS_PARALLELISM=false):
+   PairEncoder.encode pairs/s for the BERT models, the one-string prompt's encoding for the Llama model; and
+   prints the implied sizing: pairs/s per GPU and CPUs per GPU to feed it.
 
 Model FLOP utilisation = 2 x non-embedding parameters x real (unpadded) tokens / time / the GPU's dense bfloat16
 peak (PEAK_TFLOPS, matched on the device name; n/a when unknown). The attention score FLOPs and the head-only last
 layer (which skips most of the last layer's work) are not counted: it is the usual "model FLOPs" convention.
+
+A model that fails to build or load is reported in one line and the others are still measured.
 
 Dependencies: torch, transformers, tokenizers, numpy. No Ray and no pydantic: pipelines.model.encoding, scoring and
 backends import pipelines.config only for type annotations, and this script gives the Scorer `StandInConfig`, a
@@ -75,6 +91,42 @@ QUICK_MODELS = {
 }
 VOCAB_SIZE = 30522
 
+#: The seed's model, llama-nemotron-rerank-1b-v2: Llama-3.2-1B's shape (head_dim 64), bidirectional attention.
+LLAMA_FULL = {
+    "llama-1b-bidir": {
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+    }
+}
+#: The same code at a tiny size (the CPU smoke run), with the real vocabulary size.
+LLAMA_QUICK = {
+    "llama": {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "vocab_size": 128256,
+    }
+}
+#: NVIDIA's one-string prompt for its llama-nemotron rerankers (model card; real newlines).
+PROMPT = "question:{query} \n \n passage:{text}"
+#: Where a real Llama-3 tokenizer may already be in the local Hugging Face cache (looked up offline only).
+LLAMA_TOKENIZERS = (
+    "nvidia/llama-nemotron-rerank-1b-v2",
+    "nvidia/llama-3.2-nv-rerankqa-1b-v2",
+    "meta-llama/Llama-3.2-1B",
+)
+#: Llama-3's pre-tokenizer pattern (the split before byte-level BPE), as published with its tokenizer.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
 
 @dataclasses.dataclass
 class StandInConfig:
@@ -96,6 +148,7 @@ class StandInConfig:
     passage_template: str = "{text}"
     prompt_template: str | None = None
     instruction: str | None = None
+    padding_side: str = "auto"
     yes_token: str = "yes"
     no_token: str | None = "no"
     long_text: str = "truncate"
@@ -183,8 +236,183 @@ def build_model(folder: Path, tokenizer_dir: Path, shape: dict, max_length: int,
     return folder
 
 
+#: The remote code of the Llama reranker, written into the model folder (loaded with trust_remote_code).
+BIDIRECTIONAL_LLAMA = '''"""A Llama reranker with bidirectional attention, written for jobs/gpu_check.py from the public description of
+NVIDIA's llama-nemotron-rerank models: Llama decoder layers in which every real token attends to every real token
+(no causal mask), the last hidden state mean-pooled over the real tokens, and a one-logit linear head."""
+
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class LlamaBidirectionalModel(LlamaModel):
+    """LlamaModel given a 4D additive mask that hides padded keys only (transformers passes a 4D mask through)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.layers:
+            layer.self_attn.is_causal = False
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        n, length = attention_mask.shape
+        dtype = self.embed_tokens.weight.dtype
+        bias = torch.zeros((n, 1, 1, length), dtype=dtype, device=attention_mask.device)
+        bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+        return super().forward(input_ids=input_ids, attention_mask=bias.expand(n, 1, length, length), **kwargs)
+
+
+class LlamaBidirectionalForSequenceClassification(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaBidirectionalModel(config)
+        self.score = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return SequenceClassifierOutput(logits=self.score(pooled))
+'''
+
+
+def build_llama_tokenizer(folder: Path, name: str | None = None) -> str:
+    """The Llama model's tokenizer in `folder`; returns what it is. A real Llama-3 tokenizer when `name` (a path or
+    hub id) or one of LLAMA_TOKENIZERS loads offline (local files only); else a Llama-3-like one built here: byte-
+    level BPE with Llama-3's pre-tokenizer pattern, trained on Cranfield, <|begin_of_text|> in front of a single
+    text (and, as Llama-3's pair template does, in front of the second text of a pair), no pad token, left padding."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for candidate in [name] if name else LLAMA_TOKENIZERS:
+        try:
+            tok = AutoTokenizer.from_pretrained(candidate, local_files_only=True)
+        except Exception:
+            if name:
+                raise
+            continue
+        tok.save_pretrained(folder)
+        return f"{candidate} (a real Llama-3 tokenizer, {len(tok):,} entries)"
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=128000,
+        special_tokens=[bos, eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_smart_texts(CRANFIELD / "cran.all.1400") + _smart_texts(CRANFIELD / "cran.qry"), trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        eos_token=eos,
+        padding_side="left",
+        model_max_length=8192,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tok.save_pretrained(folder)
+    return (
+        f"Llama-3-like, built here (byte-level BPE with Llama-3's pre-tokenizer pattern trained on Cranfield, "
+        f"{len(tok):,} entries instead of 128,256: a similar cost per token, not Llama-3's token counts)"
+    )
+
+
+def build_llama(folder: Path, tokenizer_dir: Path, shape: dict, max_length: int, device, seed: int = 0) -> Path:
+    """The bidirectional Llama reranker of `shape` (num_labels 1, random init), saved with its remote code (an
+    auto_map in config.json) and tokenizer. Initialised on `device` (a GPU makes the 1B init fast) and saved in
+    bfloat16 there (half the bytes to write and read; the CPU reference loads it back as float32)."""
+    import importlib.util
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source = folder.parent / "remote-code" / "modeling_llama_bidirectional.py"  # save_pretrained copies it
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(BIDIRECTIONAL_LLAMA)
+    spec = importlib.util.spec_from_file_location("modeling_llama_bidirectional", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["modeling_llama_bidirectional"] = module
+    spec.loader.exec_module(module)
+    cls = module.LlamaBidirectionalForSequenceClassification
+    cls.register_for_auto_class("AutoModelForSequenceClassification")
+    if len(tok) > shape["vocab_size"]:
+        raise ValueError(
+            f"the tokenizer has {len(tok)} entries, more than the model's vocabulary {shape['vocab_size']}"
+        )
+    cfg = LlamaConfig(
+        **shape,
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        max_position_embeddings=max(8192, max_length),
+        num_labels=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(cfg).eval()
+    if torch.device(device).type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    return folder
+
+
+def prompt_encoder(model_dir: str, max_length: int):
+    """(encode(queries, passages) -> Encoded, how) for the one-string PROMPT: the project's PairEncoder when this
+    version of it tokenizes PROMPT for a cross-encoder exactly as the model card does, else the model card's
+    recipe itself, tokenizer(PROMPT.format(...), truncation=True, max_length=L), packed as PairEncoder packs."""
+    from transformers import AutoTokenizer
+
+    from pipelines.model.encoding import Encoded, PairEncoder
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def recipe(queries, passages):
+        prompts = [PROMPT.format(query=q, text=t) for q, t in zip(queries, passages)]
+        ids = tok(prompts, truncation=True, max_length=max_length)["input_ids"]
+        return Encoded.pack(ids, None, range(len(ids)), len(ids))
+
+    try:
+        cfg = model_config(
+            name_or_path=model_dir, max_length=max_length, trust_remote_code=True, prompt_template=PROMPT
+        )
+        encoder = PairEncoder(cfg)
+        qs, ps = make_pairs(8, seed=3)
+        ps = [p[:300] for p in ps]  # pairs that fit: where the recipe and the project's rule must agree
+        if encoder.encode(qs, ps).input_ids == recipe(qs, ps).input_ids:
+            return encoder.encode, "PairEncoder with model.prompt_template (the project's one-string path)"
+        why = "its ids differ from the recipe's"
+    except Exception as err:  # noqa: BLE001 - no one-string prompt for cross-encoders in this version
+        why = _one_line(err)
+    return recipe, f"the model card's recipe (this PairEncoder's one-string prompt is not used: {why})"
+
+
 def non_embedding_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "embed_tokens" not in n)
 
 
 def peak_tflops(name: str) -> float | None:
@@ -194,29 +422,35 @@ def peak_tflops(name: str) -> float | None:
 # ---------------------------------------------------------------------------------------------- host rate
 
 
-def tokenize_rate(model_dir: str, max_length: int, n: int) -> float:
-    """PairEncoder.encode pairs/s on one CPU core, measured in a child process pinned to one core."""
+def tokenize_rate(model_dir: str, max_length: int, n: int, prompt: bool = False) -> float:
+    """Encoding pairs/s on one CPU core, measured in a child process pinned to one core: PairEncoder.encode, or with
+    `prompt` the one-string PROMPT (prompt_encoder)."""
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--_tokenize-rate", model_dir, "--max-length", str(max_length), "--pairs", str(n)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(
+        cmd + (["--_prompt"] if prompt else []), env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     if res.returncode != 0:
         raise RuntimeError(f"tokenisation child failed: {res.stderr[-2000:]}")
     return float(json.loads(res.stdout.strip().splitlines()[-1])["pairs_per_s"])
 
 
-def _child_tokenize_rate(model_dir: str, max_length: int, n: int) -> None:
+def _child_tokenize_rate(model_dir: str, max_length: int, n: int, prompt: bool = False) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from pipelines.model.encoding import PairEncoder
 
-    encoder = PairEncoder(model_config(name_or_path=model_dir, max_length=max_length))
+    if prompt:
+        encode = prompt_encoder(model_dir, max_length)[0]
+    else:
+        encode = PairEncoder(model_config(name_or_path=model_dir, max_length=max_length)).encode
     qs, ps = make_pairs(n, seed=1)
-    encoder.encode(qs[:64], ps[:64])  # warm-up
+    encode(qs[:64], ps[:64])  # warm-up
     best = math.inf
     for _ in range(2):
         start = time.perf_counter()
         for i in range(0, n, 1024):  # the size of a CPU stage's batch
-            encoder.encode(qs[i : i + 1024], ps[i : i + 1024])
+            encode(qs[i : i + 1024], ps[i : i + 1024])
         best = min(best, time.perf_counter() - start)
     print(json.dumps({"pairs_per_s": n / best}))
 
@@ -224,123 +458,233 @@ def _child_tokenize_rate(model_dir: str, max_length: int, n: int) -> None:
 # ---------------------------------------------------------------------------------------------- the check
 
 
-def run(args: argparse.Namespace) -> dict:
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+
+
+def _sweep(name, scorer, enc, budgets, repeats, ctx) -> None:
+    """Time scorer.score_encoded(enc) at each token budget (best of `repeats`), rows appended to ctx["rows"]. After
+    the time limit a model's remaining budgets are skipped, but every model gets its first."""
+    import torch
+
+    device, params, tokens, n_pairs = ctx["device"], ctx["params"], int(enc.offsets[-1]), enc.n_pairs
+    for i, budget in enumerate(budgets):
+        if i and time.perf_counter() - ctx["started"] > ctx["time_limit_s"]:
+            print(f"{name}: time limit reached: budgets from {budget} skipped", flush=True)
+            break
+        scorer.max_batch_tokens = budget
+        scorer.score_encoded(ctx["warm"])
+        for k in scorer.stats:
+            scorer.stats[k] = 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            scorer.score_encoded(enc)  # ends with the one device-to-host copy: synchronised
+            best = min(best, time.perf_counter() - t0)
+        st = scorer.stats
+        peak = ctx["peak"]
+        ctx["rows"].append(
+            {
+                "model": name,
+                "budget": budget,
+                "pairs_per_s": n_pairs / best,
+                "tokens_per_s": tokens / best,
+                "mfu": (2.0 * params * tokens / best / (peak * 1e12)) if peak else None,
+                "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+                "padding": 1 - st["tokens"] / max(1, st["padded_tokens"]),
+                "passes": st["forward_passes"] // repeats,
+                "oom_splits": st["oom_splits"],
+            }
+        )
+        print(_row(ctx["rows"][-1]), flush=True)
+
+
+def _measure(name, cfg, encode, qs, ps, budgets, repeats, sample, ctx) -> None:
+    """Load `cfg` with the Scorer, encode the pairs with `encode(scorer, queries, passages)`, sweep the budgets,
+    and compare a sample with float32 on the CPU (ctx["accuracy"])."""
     import numpy as np
     import torch
 
     from pipelines.model import backends
     from pipelines.model.scoring import Scorer
 
+    device = ctx["device"]
+    auto = None
+    if device.type == "cuda":
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        auto = backends.default_max_batch_tokens(device, hf, cfg.dtype)
+    scorer = Scorer(cfg)
+    ctx["params"] = non_embedding_params(scorer.backend.model)
+    enc = encode(scorer, qs, ps)
+    ctx["warm"] = encode(scorer, qs[:256], ps[:256])
+    print(
+        f"{name}: {ctx['params'] / 1e6:.1f}M non-embedding parameters; {int(enc.offsets[-1]) / len(qs):.0f} tokens "
+        f"per pair; max_batch_tokens auto here: {auto if auto is not None else 'n/a (CPU: 2048)'}",
+        flush=True,
+    )
+    _sweep(name, scorer, enc, budgets, repeats, ctx)
+    # Accuracy: this device and dtype against float32 on the CPU, on a sample.
+    sample = min(sample, len(qs))
+    got = scorer.score_encoded(encode(scorer, qs[:sample], ps[:sample]))
+    del scorer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ref_scorer = Scorer(cfg.model_copy(update={"device": "cpu", "dtype": "float32", "max_batch_tokens": 4096}))
+    ref = ref_scorer.score_encoded(encode(ref_scorer, qs[:sample], ps[:sample]))
+    del ref_scorer
+    ctx["accuracy"][name] = {
+        "max_abs_diff": float(np.abs(got - ref).max()),
+        "ref_std": float(np.std(ref)),
+        "pairs": sample,
+    }
+
+
+def _selected(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(Llama models, BERT models) to run: all of the size, or those named by --models."""
+    llama, bert = (LLAMA_QUICK, QUICK_MODELS) if args.quick else (LLAMA_FULL, FULL_MODELS)
+    if not args.models:
+        return llama, bert
+    names = [x.strip() for x in args.models.split(",") if x.strip()]
+    unknown = [x for x in names if x not in llama and x not in bert]
+    if unknown:
+        raise SystemExit(f"unknown --models {', '.join(unknown)}; choose from {', '.join([*llama, *bert])}")
+    return {k: v for k, v in llama.items() if k in names}, {k: v for k, v in bert.items() if k in names}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from pipelines.model import backends
+
     started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible: use --device cpu")
-    shapes = QUICK_MODELS if args.quick else FULL_MODELS
+    llamas, shapes = _selected(args)
     budgets = [int(x) for x in args.budgets.split(",")]
+    llama_budgets = [int(x) for x in args.llama_budgets.split(",")]
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else backends.cpu_name()
     peak = peak_tflops(gpu_name) if device.type == "cuda" else None
     settings = type(model_config(name_or_path="probe")).__name__
     print(
-        f"device: {gpu_name} ({device}); dtype {dtype}; max_length {args.max_length}; {args.pairs} pairs; "
-        f"model settings: {settings}",
+        f"device: {gpu_name} ({device}); dtype {dtype}; max_length {args.max_length}; {args.pairs} pairs "
+        f"({args.llama_pairs} for the Llama model); model settings: {settings}",
         flush=True,
     )
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    build_tokenizer(work / "tokenizer")
-    qs, ps = make_pairs(args.pairs)
-    rows, accuracy, sizing = [], {}, {}
-    for name, shape in shapes.items():
-        path = str(build_model(work / name, work / "tokenizer", shape, args.max_length))
-        cfg = model_config(
-            name_or_path=path,
-            max_length=args.max_length,
-            device=str(device),
-            dtype=dtype,
-            backend="torch",
-            batch_size=args.batch_size,
-            max_batch_tokens=budgets[0],
-        )
-        auto = None
-        if device.type == "cuda":
-            from transformers import AutoConfig
+    try:
+        return _run_in(args, work, device, dtype, gpu_name, peak, started, llamas, shapes, budgets, llama_budgets)
+    finally:
+        import shutil
 
-            auto = backends.default_max_batch_tokens(device, AutoConfig.from_pretrained(path), dtype)
-        scorer = Scorer(cfg)
-        params = non_embedding_params(scorer.backend.model)
-        enc = scorer.encoder.encode(qs, ps)
-        tokens = int(enc.offsets[-1])
-        warm = scorer.encoder.encode(qs[:256], ps[:256])
-        print(
-            f"{name}: {params / 1e6:.1f}M non-embedding parameters; {tokens / len(qs):.0f} tokens per pair; "
-            f"max_batch_tokens auto here: {auto if auto is not None else 'n/a (CPU: 2048)'}",
-            flush=True,
-        )
-        for budget in budgets:
-            if time.perf_counter() - started > args.time_limit_s:
-                print(f"time limit reached: budgets from {budget} skipped", flush=True)
-                break
-            scorer.max_batch_tokens = budget
-            scorer.score_encoded(warm)
-            for k in scorer.stats:
-                scorer.stats[k] = 0
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            best = math.inf
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                scorer.score_encoded(enc)  # ends with the one device-to-host copy: synchronised
-                best = min(best, time.perf_counter() - t0)
-            st = scorer.stats
-            flops = 2.0 * params * tokens
-            rows.append(
-                {
-                    "model": name,
-                    "budget": budget,
-                    "pairs_per_s": len(qs) / best,
-                    "tokens_per_s": tokens / best,
-                    "mfu": (flops / best / (peak * 1e12)) if peak else None,
-                    "peak_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
-                    "padding": 1 - st["tokens"] / max(1, st["padded_tokens"]),
-                    "passes": st["forward_passes"] // args.repeats,
-                    "oom_splits": st["oom_splits"],
-                }
+        shutil.rmtree(work, ignore_errors=True)  # the 1B model's weights alone are 2.5 GB
+
+
+def _run_in(args, work, device, dtype, gpu_name, peak, started, llamas, shapes, budgets, llama_budgets) -> dict:
+    import torch
+
+    ctx = {
+        "device": device,
+        "peak": peak,
+        "started": started,
+        "time_limit_s": args.time_limit_s,
+        "rows": [],
+        "accuracy": {},
+    }
+    sizing, host, notes, failed = {}, {}, [], {}
+    common = {"max_length": args.max_length, "device": str(device), "dtype": dtype, "backend": "torch"}
+
+    # The seed's model first: the measurement this check exists for, kept short.
+    for name, shape in llamas.items():
+        try:
+            how_tok = build_llama_tokenizer(work / "llama-tokenizer", args.llama_tokenizer)
+            path = str(build_llama(work / name, work / "llama-tokenizer", shape, args.max_length, device))
+            prompt_encode, how_enc = prompt_encoder(path, args.max_length)
+            qs, ps = make_pairs(args.llama_pairs)
+            cfg = model_config(
+                name_or_path=path,
+                trust_remote_code=True,
+                batch_size=args.batch_size,
+                max_batch_tokens=llama_budgets[0],
+                **common,
             )
-            print(_row(rows[-1]), flush=True)
-        # Accuracy: this device and dtype against float32 on the CPU, on a sample.
-        sample = min(args.sample, len(qs))
-        ref_scorer = Scorer(cfg.model_copy(update={"device": "cpu", "dtype": "float32", "max_batch_tokens": 4096}))
-        ref = ref_scorer.score_encoded(ref_scorer.encoder.encode(qs[:sample], ps[:sample]))
-        got = scorer.score_encoded(scorer.encoder.encode(qs[:sample], ps[:sample]))
-        diff = float(np.abs(got - ref).max())
-        accuracy[name] = {"max_abs_diff": diff, "ref_std": float(np.std(ref)), "pairs": sample}
-        del scorer, ref_scorer
+            _measure(
+                name,
+                cfg,
+                lambda _scorer, q, p, encode=prompt_encode: encode(q, p),
+                qs,
+                ps,
+                llama_budgets,
+                args.llama_repeats,
+                min(args.sample, 8),
+                ctx,
+            )
+            notes.append(
+                f"{name}: remote code (LlamaBidirectionalForSequenceClassification, written by this script); pairs "
+                f"are one string {PROMPT!r}, encoded by {how_enc}; tokenizer: {how_tok}"
+            )
+            host[name] = tokenize_rate(path, args.max_length, args.host_pairs, prompt=True)
+        except Exception as err:  # noqa: BLE001 - one line, and the other models are still measured
+            failed[name] = _one_line(err)
+            print(f"{name}: not (fully) measured: {failed[name]}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    host = tokenize_rate(str(work / next(iter(shapes))), args.max_length, args.host_pairs)
-    for name in shapes:
-        mine = [r for r in rows if r["model"] == name]
-        if not mine:
+    if shapes:
+        build_tokenizer(work / "tokenizer")
+        qs, ps = make_pairs(args.pairs)
+    for name, shape in shapes.items():
+        path = str(build_model(work / name, work / "tokenizer", shape, args.max_length))
+        cfg = model_config(name_or_path=path, batch_size=args.batch_size, max_batch_tokens=budgets[0], **common)
+        _measure(
+            name,
+            cfg,
+            lambda scorer, q, p: scorer.encoder.encode(q, p),
+            qs,
+            ps,
+            budgets,
+            args.repeats,
+            args.sample,
+            ctx,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if shapes:
+        rate = tokenize_rate(str(work / next(iter(shapes))), args.max_length, args.host_pairs)
+        host.update({name: rate for name in shapes})
+        notes.append(f"{', '.join(shapes)}: PairEncoder (query, passage) pairs with the Cranfield WordPiece tokenizer")
+
+    for name in [*llamas, *shapes]:
+        mine = [r for r in ctx["rows"] if r["model"] == name]
+        if not mine or name not in host:
             continue
         top = max(mine, key=lambda r: r["pairs_per_s"])
         sizing[name] = {
             "best_budget": top["budget"],
             "pairs_per_s_per_gpu": top["pairs_per_s"],
-            "host_pairs_per_s_per_core": host,
-            "cpus_per_gpu": math.ceil(top["pairs_per_s"] / host),
+            "host_pairs_per_s_per_core": host[name],
+            "cpus_per_gpu": math.ceil(top["pairs_per_s"] / host[name]),
         }
     result = {
         "device": gpu_name,
         "dtype": dtype,
         "max_length": args.max_length,
-        "pairs": len(qs),
+        "pairs": args.pairs,
+        "llama_pairs": args.llama_pairs,
         "peak_tflops": peak,
-        "rows": rows,
-        "accuracy": accuracy,
+        "rows": ctx["rows"],
+        "accuracy": ctx["accuracy"],
         "sizing": sizing,
+        "notes": notes,
+        "failed": failed,
         "elapsed_s": time.perf_counter() - started,
     }
     _print_report(result)
@@ -379,6 +723,10 @@ def _print_report(res: dict) -> None:
             f"| {name} | {s['best_budget']} | {s['pairs_per_s_per_gpu']:,.0f} | "
             f"{s['host_pairs_per_s_per_core']:,.0f} | {s['cpus_per_gpu']} |"
         )
+    for note in res.get("notes", []):
+        print(f"- {note}")
+    for name, why in res.get("failed", {}).items():
+        print(f"- {name}: not (fully) measured: {why}")
     print(f"\nelapsed {res['elapsed_s']:.0f} s")
 
 
@@ -396,7 +744,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-pairs", type=int, default=None, help="pairs for the one-core encode rate (2048)")
     ap.add_argument("--time-limit-s", type=float, default=360.0, help="skip the remaining budgets after this")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset: llama-1b-bidir, minilm-l6, bert-base (quick: llama, mini, base); default all",
+    )
+    ap.add_argument("--llama-pairs", type=int, default=None, help="pairs timed for the Llama model (2048; quick 32)")
+    ap.add_argument("--llama-budgets", default=None, help="its max_batch_tokens (default 16k,32k,64k; quick 1024)")
+    ap.add_argument("--llama-repeats", type=int, default=None, help="its timed runs per budget (default 2; quick 1)")
+    ap.add_argument(
+        "--llama-tokenizer", default=None, help="a Llama-3 tokenizer folder or cached hub id (offline; default: look)"
+    )
     ap.add_argument("--_tokenize-rate", dest="tokenize_rate", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_prompt", dest="prompt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     quick = args.quick
     args.max_length = args.max_length or (128 if quick else 512)
@@ -405,8 +765,11 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (1 if quick else 3)
     args.sample = args.sample or (16 if quick else 64)
     args.host_pairs = args.host_pairs or (128 if quick else 2048)
+    args.llama_pairs = args.llama_pairs or (32 if quick else 2048)
+    args.llama_budgets = args.llama_budgets or ("1024" if quick else "16384,32768,65536")
+    args.llama_repeats = args.llama_repeats or (1 if quick else 2)
     if args.tokenize_rate:
-        _child_tokenize_rate(args.tokenize_rate, args.max_length, args.pairs)
+        _child_tokenize_rate(args.tokenize_rate, args.max_length, args.pairs, args.prompt)
         return 0
     run(args)
     return 0

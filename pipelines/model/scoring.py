@@ -113,6 +113,9 @@ def describe_model(config: ModelConfig, on_cluster: bool = False) -> dict:
             resolved, choice = backends.resolve_auto(config, device)
             backends.log_choice(choice)
             config = resolved
+    elif device is not None and config.backend in backends.EXPORTED_BACKENDS:  # remote code: torch (resolve_auto)
+        config, choice = backends.resolve_auto(config, device)
+        backends.log_choice(choice)
     out = {
         "name_or_path": config.name_or_path,
         "kind": config.kind,
@@ -184,6 +187,8 @@ class Scorer:
         # On a GPU the budget comes from its free memory: read before the weights take their share.
         self.max_batch_tokens = max_batch_tokens(config, self.device, self.encoder.hf_config)
         self.backend: backends.Backend = backends.load_backend(config, self.device, self.tokenizer, self.max_length)
+        # An onnx/openvino export that failed or differed from torch: torch runs it (logged); report what runs.
+        self.config, self.backend_choice = backends.backend_used(config, self.backend_choice, self.backend)
         self.encoder.adapt_model_config(self.backend.hf_config)
         #: units (windows; one per pair unless long_text is chunks) the last score()/logits() call scored
         self.last_windows = 0

@@ -19,6 +19,9 @@ class Backend:
     uses_token_type_ids: bool
     #: The last layer runs for the first token only (see _HeadOnlyLastLayer).
     head_only: bool = False
+    #: Set by load_backend on the torch backend that replaced an onnx/openvino one whose export failed or did not
+    #: score like torch: the record of the choice (resolve_auto's shape, with `fallback` the one-line reason).
+    fallback: dict | None = None
     #: Left-padded rows score as unpadded ones (positions from the mask). Exports take no position ids: the
     #: Scorer pads right for a backend without it.
     pads_left: bool = False

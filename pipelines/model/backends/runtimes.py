@@ -1,5 +1,6 @@
 """The CPU runtimes: ONNX Runtime (float32 with its fusions, or dynamic int8) and OpenVINO (float32, bfloat16,
-static int8), each scoring the cached export of `export`."""
+static int8), each scoring the cached export of `export`. Constructing one raises export.ExportRefused when the
+model's export failed or does not score like torch (load_backend then scores with torch)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def _threads(config: ModelConfig) -> int:
     return config.num_threads or torch.get_num_threads()
 
 
+def _pad_id(tokenizer) -> int:
+    """The id the Scorer pads with (PairEncoder.pad_token_id): the export is traced and verified with it."""
+    return getattr(tokenizer, "pad_token_id", None) or 0
+
+
 class OnnxBackend(Backend):
     """ONNX Runtime on CPU: float32 (with its transformer fusions where they match; fuse_onnx), or dynamic int8."""
 
@@ -47,14 +53,14 @@ class OnnxBackend(Backend):
 
         self.hf_config = _hf_config(config)
         self.uses_token_type_ids = uses_token_type_ids(tokenizer, self.hf_config)
-        tt = self.uses_token_type_ids
+        tt, pad = self.uses_token_type_ids, _pad_id(tokenizer)
         if config.dtype == "int8":
-            path = quantize_onnx_int8(config, fingerprint, tt)
+            path = quantize_onnx_int8(config, fingerprint, tt, pad)
         else:
-            path = fuse_onnx(config, fingerprint, tt, self.hf_config)
+            path = fuse_onnx(config, fingerprint, tt, self.hf_config, pad)
         #: ONNX Runtime's transformer fusions are in the graph (float32 only; see fuse_onnx).
         self.fused = export_is_fused(path)
-        self.head_only = export_is_head_only(export_onnx(config, fingerprint, tt))
+        self.head_only = export_is_head_only(export_onnx(config, fingerprint, tt, pad))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = _threads(config)
         opts.inter_op_num_threads = 1
@@ -79,8 +85,9 @@ class OpenVinoBackend(Backend):
 
         self.hf_config = _hf_config(config)
         self.uses_token_type_ids = uses_token_type_ids(tokenizer, self.hf_config)
-        path = export_openvino(config, fingerprint, self.uses_token_type_ids, config.dtype, tokenizer, max_length)
-        self.head_only = export_is_head_only(export_onnx(config, fingerprint, self.uses_token_type_ids))
+        tt, pad = self.uses_token_type_ids, _pad_id(tokenizer)
+        path = export_openvino(config, fingerprint, tt, config.dtype, tokenizer, max_length, pad)
+        self.head_only = export_is_head_only(export_onnx(config, fingerprint, tt, pad))
         precision = {"bfloat16": "bf16", "float16": "f16"}.get(config.dtype, "f32")
         if config.dtype == "int8" and OPENVINO_INT8_BF16 and native_bf16():
             precision = "bf16"  # what stays out of int8 (the first layer, softmax, layer norms) runs in bfloat16

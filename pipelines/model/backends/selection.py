@@ -92,7 +92,7 @@ def _have(backend: str) -> bool:
 
 
 #: CPU preferences of `auto`, fastest first, per cpu_family: only combinations measured within 1% nDCG@10 of
-#: float32 torch at K = 10, 20 and 100 on Cranfield (README, "Backends and precision"), each taken only when its
+#: float32 torch at K = 10, 20 and 100 on Cranfield (docs/backends.md), each taken only when its
 #: packages are installed; no usable one leaves torch (bfloat16 autocast with native bfloat16, else float32).
 #: Later entries serve a fixed backend or dtype (`backend: onnx, dtype: auto`; `backend: auto, dtype: int8`).
 #: - vnni+bf16, measured on a 2-core AMD EPYC with AVX512-VNNI/BF16 (in-process, x the plain float32 loop):
@@ -166,9 +166,66 @@ def cuda_bf16() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+#: The backends that score an export of the model (ONNX, and OpenVINO's IR converted from it).
+EXPORTED_BACKENDS = ("onnx", "openvino")
+
+
+@lru_cache(maxsize=64)
+def _auto_map(name_or_path: str, revision: str | None) -> tuple[str, ...]:
+    """The auto_map keys of a model's config.json, read as JSON (no code runs); empty when it has none or the file
+    cannot be read here."""
+    try:
+        from transformers import PretrainedConfig
+
+        raw, _ = PretrainedConfig.get_config_dict(name_or_path, revision=revision)
+    except Exception:  # noqa: BLE001 - unreadable here: the model's own load reports it
+        return ()
+    return tuple(sorted(raw.get("auto_map") or {}))
+
+
+def remote_code_reason(config: ModelConfig) -> str | None:
+    """Why a model is not exported at all, or None: its own modeling code (model.trust_remote_code and an auto_map
+    in its config.json) is run by torch only; the ONNX exporter is not tried on it."""
+    if not getattr(config, "trust_remote_code", False) or getattr(config, "kind", "") == "causal-lm":
+        return None
+    if not _auto_map(config.name_or_path, config.revision):
+        return None
+    return "the model runs its own code (trust_remote_code and an auto_map in its config.json), which is not exported"
+
+
+def torch_dtype_for(dtype: str) -> str:
+    """The torch CPU precision that replaces an onnx/openvino `dtype` when torch scores the model instead: float32
+    and bfloat16 stay; auto, int8 and float16 become bfloat16 with native bfloat16, else float32."""
+    if dtype in ("float32", "bfloat16"):
+        return dtype
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def fallback_choice(
+    requested: str, backend: str, dtype: str, torch_dtype: str, why: str, device: torch.device
+) -> dict[str, Any]:
+    """The record of an onnx/openvino choice replaced by torch (the shape of resolve_auto's), `why` in one line."""
+    flags = sorted(cpu_flags() & set(AUTO_FLAGS), key=AUTO_FLAGS.index)
+    return {
+        "requested": requested,
+        "backend": "torch",
+        "dtype": torch_dtype,
+        "reason": f"{backend} {dtype} not used: {why}; torch scores it",
+        "fallback": why,
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_family": cpu_family(),
+        "cpu_flags": flags,
+    }
+
+
 def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig, dict[str, Any] | None]:
     """`config` with model.backend / model.dtype auto replaced by what runs on `device`, and a record of the
     choice (None when neither was auto): requested, backend, dtype, reason, device, cpu, cpu_family, cpu_flags.
+
+    onnx or openvino, asked for or chosen, on a model with its own code (remote_code_reason) becomes torch
+    (torch_dtype_for), with the record's `fallback` saying why: such a model is never exported. Exports that fail
+    or do not score like torch are found when the backend loads (load_backend) and fall back there.
 
     Rules (no timing: the same machine always gets the same answer, so a job's driver and its actors agree):
     - CUDA: torch, bfloat16 where the GPU has it (torch.cuda.is_bf16_supported), else float16; float32 only when
@@ -178,6 +235,20 @@ def resolve_auto(config: ModelConfig, device: torch.device) -> tuple[ModelConfig
       else torch (bfloat16 autocast with native bfloat16, else float32);
     - a fixed backend with dtype auto: that backend's best dtype by the same order; a fixed dtype with backend
       auto: the first backend of the order with that dtype, else the first that runs it."""
+    resolved, choice = _resolve(config, device)
+    if device.type == "cpu" and resolved.backend in EXPORTED_BACKENDS:
+        why = remote_code_reason(config)
+        if why:
+            dtype = torch_dtype_for(config.dtype)
+            record = fallback_choice(
+                f"{config.backend}/{config.dtype}", resolved.backend, resolved.dtype, dtype, why, device
+            )
+            return config.model_copy(update={"backend": "torch", "dtype": dtype}), record
+    return resolved, choice
+
+
+def _resolve(config: ModelConfig, device: torch.device) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """resolve_auto before the remote-code rule."""
     backend, dtype = config.backend, config.dtype
     if device.type == "cuda" and (backend, dtype) == ("torch", "float32") and "dtype" not in config.model_fields_set:
         # model.dtype left at its default (float32, for CPUs): a GPU gets its fast precision; float32 when asked.
@@ -238,22 +309,24 @@ _LOGGED: set[tuple] = set()
 
 
 def log_choice(choice: dict[str, Any] | None) -> None:
-    """Log what auto chose, once per process and choice."""
-    if not choice:
+    """Log what auto chose, once per process and choice, in one line (a WARNING when it replaced onnx/openvino by
+    torch: `fallback`)."""
+    if not choice or "backend" not in choice:
         return
-    key = (choice["requested"], choice["backend"], choice["dtype"], choice["device"])
+    key = (choice["requested"], choice["backend"], choice["dtype"], choice.get("device"))
     if key in _LOGGED:
         return
     _LOGGED.add(key)
-    log.info(
+    log.log(
+        logging.WARNING if choice.get("fallback") else logging.INFO,
         "model.backend/dtype %s -> %s %s on %s (%s; CPU %s, flags %s)",
         choice["requested"],
         choice["backend"],
         choice["dtype"],
-        choice["device"],
+        choice.get("device"),
         choice["reason"],
-        choice["cpu"],
-        " ".join(choice["cpu_flags"]) or "none",
+        choice.get("cpu") or cpu_name(),
+        " ".join(choice.get("cpu_flags") or ()) or "none",
     )
 
 
