@@ -20,7 +20,9 @@ log = logging.getLogger("rerank")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML config file (see conf/ and docs/configuration.md)")
+    p.add_argument(
+        "config", nargs=None if required else "?", help="YAML config file (see conf/ and docs/configuration.md)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -69,7 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if joined:
                 shutdown()  # first, so that no unit commits after the count below
                 joined = False
-            print(f"rerank: {_stopped_at(plan)}; rerun with --resume to finish", file=sys.stderr, flush=True)
+            print(f"rerank: {_stopped_at(plan)}", file=sys.stderr, flush=True)
             return stop.exit_code
         finally:
             if joined:
@@ -77,18 +79,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _stopped_at(plan) -> str:
-    """How far a stopped job got, from its durable state (the manifest's units and the commit records)."""
+    """How far a stopped job got, from its durable state (the manifest's units and the commit records), and what
+    to do next; or, for a run whose output was taken over by another run, that it was (its state is the other
+    run's: it is not counted as this one's)."""
+    resume = "rerun with --resume to finish"
     if plan is None:
-        return "stopped before any unit was scored"
+        return f"stopped before any unit was scored; {resume}"
+    taken = _lease_lost(plan)
+    if taken is not None:
+        return taken
     try:
         progress = plan.progress
         units = (progress.read_manifest() or {}).get("units")
         if units is None:
-            return "stopped before any unit was scored"
-        return f"stopped after {len(progress.done_units()):,} of {len(units):,} units"
+            return f"stopped before any unit was scored; {resume}"
+        return f"stopped after {len(progress.done_units()):,} of {len(units):,} units; {resume}"
     except Exception as err:  # noqa: BLE001 - the storage may be what failed; the hint stands without a count
+        taken = _lease_lost(plan)
+        if taken is not None:
+            return taken
         log.debug("cannot count the finished units: %s", err)
-        return "stopped"
+        return f"stopped; {resume}"
+
+
+def _lease_lost(plan) -> str | None:
+    """The stop line of a run that lost its output's lease (another run took the folder over, or it was deleted),
+    from what the lease found (no new read: the run has released it); None while the lease is this run's."""
+    from pipelines.io.lease import LeaseLost
+
+    lease = getattr(plan, "lease", None)
+    if lease is None:
+        return None
+    try:
+        lease.check()
+        return None
+    except LeaseLost as lost:
+        why = getattr(lease, "_lost", None) or str(lost)
+    after = "let it finish, or rerun with --resume once it has stopped"
+    if why.startswith("another run took it over"):
+        return f"stopped: the output was taken over by another run{why[len('another run took it over') :]}; {after}"
+    return f"stopped: this run lost the output's lease ({why}); {after}"
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -169,4 +199,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rerank: interrupted", file=sys.stderr)
         return 130
-

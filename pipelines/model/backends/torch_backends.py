@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipelines.model.backends.base import Backend
-from pipelines.model.encoding import uses_token_type_ids
+from pipelines.model.encoding import OWN_POSITION_IDS, uses_token_type_ids
 
 if TYPE_CHECKING:
     from pipelines.config import ModelConfig
@@ -45,9 +45,6 @@ class _TorchDevice:
         return self.to_host([self.forward_device(input_ids, attention_mask, token_type_ids)])
 
 
-#: Models that number positions from the padding themselves (padding_idx + 1 + the count of real tokens before):
-#: given no position ids they are right under either padding side; any other gets positions from the mask.
-OWN_POSITION_IDS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "xmod"})
 
 
 #: Encoders whose pooling or head reads the first position ([CLS] / <s>): left padding would put a pad there, so
