@@ -666,6 +666,14 @@ class ServeConfig(_Strict):
         description="End-to-end limit of one HTTP request in Serve's proxy, waiting for a replica included; past "
         "it the proxy answers 408. Raise it for requests of thousands of documents on CPU.",
     )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="Grace period of a stop: on SIGTERM or Ctrl-C `rerank serve` answers new requests 503 + "
+        "Retry-After and lets the requests in flight finish for up to this long (those still unanswered then get "
+        "503), before it stops Serve. Also each replica's graceful shutdown timeout in Serve (scale-down, redeploy, "
+        "app deletion). 0: stop at once.",
+    )
     health_check_period_s: float = Field(
         10.0, gt=0, description="How often Serve calls each replica's health check (a one-pair model probe)."
     )

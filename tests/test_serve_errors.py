@@ -1,7 +1,9 @@
 """One bad request never fails another, and every error has the documented body, on 127.0.0.1 with a tiny
 cross-encoder: a lone surrogate among concurrent clean requests (only it gets 422, naming the field, on every
-API), a request the model raises on scored apart from its batch, and parse errors (invalid UTF-8, JSON nested
-100,000 deep) and unknown paths in the documented body instead of FastAPI's ``{"detail": ...}``.
+API), a request the model raises on scored apart from its batch, parse errors (invalid UTF-8, JSON nested
+100,000 deep) and unknown paths in the documented body instead of FastAPI's ``{"detail": ...}``, and integer
+fields that take JSON integers only (``top_n: true`` is a 422, not 1). `rerank serve` whose Ray or HTTP proxy
+cannot start says so in one line (exit 2), not in Ray's traceback.
 
 Bodies are sent as raw bytes: ``json.dumps`` (ensure_ascii) writes a lone surrogate as the escape ``\\ud800``,
 which is what a real client sends and what reaches the server.
@@ -16,8 +18,12 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+import typing
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +95,97 @@ def test_check_texts_refuses_what_utf8_cannot_encode():
         assert (err.value.status, err.value.field) == (422, field)
         assert f"character {at} is a lone surrogate" in err.value.message and "UTF-8" in err.value.message
         json.dumps(err.value.body(), ensure_ascii=False).encode()  # the body itself is valid UTF-8
+
+
+def test_every_integer_field_of_the_request_schemas_is_strict():
+    """Every field of the four APIs' request models that takes an integer takes a JSON integer only: pydantic's
+    default would take true as 1, "3" as 3 and 3.0 as 3. Checked on the schemas, so a new field cannot miss it."""
+    from pydantic import BaseModel, ValidationError
+
+    from pipelines.serve import api
+
+    def ints(annotation, strict: bool = False) -> list[bool]:
+        """Whether each int inside an annotation (unions, Annotated, lists) is strict."""
+        if annotation is int:
+            return [strict]
+        if typing.get_origin(annotation) is typing.Annotated:
+            inner, *meta = typing.get_args(annotation)
+            return ints(inner, strict or any(getattr(m, "strict", False) for m in meta))
+        return [x for arg in typing.get_args(annotation) for x in ints(arg, strict)]
+
+    models = [m for m in vars(api).values() if isinstance(m, type) and issubclass(m, BaseModel) and m is not BaseModel]
+    int_fields = []
+    for model in models:
+        for name, field in model.model_fields.items():
+            found = ints(field.annotation, any(getattr(m, "strict", False) for m in field.metadata))
+            if found:
+                int_fields.append((model.__name__, name))
+                assert all(found), f"{model.__name__}.{name} takes an int in pydantic's lax mode"
+    assert {("CohereRerankRequest", "top_n"), ("CohereRerankRequest", "max_tokens_per_doc")} <= set(int_fields)
+    for model_name, name in int_fields:
+        model = getattr(api, model_name)
+        for bad in (True, False, "3", 3.0):
+            with pytest.raises(ValidationError) as err:
+                model.model_validate({"query": "q", "documents": ["a"], name: bad})
+            errors = [dict(e, loc=("body", *e["loc"])) for e in err.value.errors()]
+            refusal = api.validation_error(errors)
+            assert (refusal.status, refusal.field, refusal.message) == (422, name, f"{name}: must be an integer")
+        assert getattr(model.model_validate({"query": "q", "documents": ["a"], name: 3}), name) == 3
+
+
+def test_an_http_proxy_that_cannot_start_is_one_line(monkeypatch, model_path):
+    """serve.start failing (the port taken: Ray's task error, the proxy's remote traceback in its text) is a
+    RerankError of one line naming the address and the cause."""
+    from ray import serve
+
+    from pipelines.errors import RerankError
+    from pipelines.serve import start_service
+
+    def taken(**_):
+        raise RuntimeError(
+            "\x1b[36mray::ProxyActor.ready()\x1b[39m (pid=2695, ip=127.0.0.1)\n"
+            '  File "ray/serve/_private/proxy.py", line 1807, in ready\n'
+            "    self._running_http_server_task, _ = await self._start_http_server_task\n"
+            "RuntimeError: Failed to bind to address '127.0.0.1:8123'."
+        )
+
+    monkeypatch.setattr(serve, "start", taken)
+    monkeypatch.setattr("pipelines.model.backends.check_model_on", lambda *a, **k: None)
+    monkeypatch.setattr("pipelines.serve.app.replica_gpus", lambda config: 0.0)
+    with pytest.raises(RerankError) as err:
+        start_service(_config(model_path, port=8123))
+    message = str(err.value)
+    assert "\n" not in message and "127.0.0.1:8123" in message, message
+    assert message.endswith("RuntimeError: Failed to bind to address '127.0.0.1:8123'."), message
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cause", ["ray_tmpdir_is_a_file", "cluster_address_closed"])
+def test_rerank_serve_says_in_one_line_when_ray_cannot_start(model_path, tmp_path, cause):
+    """`rerank serve` whose Ray fails to start: `rerank: error: ...` in one line and exit 2, no traceback (Ray's
+    own log lines may come first), nothing left running."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    env.pop("RAY_ADDRESS", None)
+    if cause == "ray_tmpdir_is_a_file":
+        (tmp_path / "file").write_text("not a folder")
+        env["RAY_TMPDIR"] = str(tmp_path / "file" / "ray")
+    else:
+        env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cmd = [
+        sys.executable, "-m", "pipelines.cli", "serve", str(root / "conf/serve.yaml"),
+        "--set", f"model.name_or_path={model_path}", "--set", "model.device=cpu", "--set", f"serve.port={free_port()}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=150, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("rerank: error: ")]
+    assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+    if cause == "ray_tmpdir_is_a_file":
+        assert errors[0].startswith("rerank: error: Ray failed to start: NotADirectoryError: "), errors
+        assert str(tmp_path / "file") in errors[0]
+    else:
+        assert "does not answer" in errors[0] and "RAY_ADDRESS" in errors[0], errors
 
 
 @pytest.mark.timeout(120)
@@ -356,3 +453,19 @@ def test_unknown_path_and_method_have_the_documented_body(service):
     wrong = requests.get(f"{url}/v2/rerank", timeout=30)
     assert wrong.status_code == 405 and set(wrong.json()) == ERROR_KEYS, wrong.text
     assert "POST" in wrong.headers.get("allow", "")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["v1/rerank", "v2/rerank"])
+def test_integers_are_json_integers_only(service, api):
+    """`top_n: true` was taken as 1: every non-integer where an integer is expected is a 422 naming the field."""
+    url, _ = service
+    base = {"model": "m", "query": QUERY, "documents": DOCS}
+    for field, bad in [("top_n", True), ("top_n", False), ("top_n", "2"), ("top_n", 2.0), ("max_tokens_per_doc", True)]:
+        r = requests.post(f"{url}/{api}", json={**base, field: bad}, timeout=30)
+        assert r.status_code == 422, (field, bad, r.status_code, r.text)
+        out = r.json()
+        assert set(out) == ERROR_KEYS | {"field"} and out["field"] == field, out
+        assert out["message"] == f"{field}: must be an integer" and out["error_type"] == "validation", out
+    ok = requests.post(f"{url}/{api}", json={**base, "top_n": 2, "max_tokens_per_doc": 512}, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 2, ok.text

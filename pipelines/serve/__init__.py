@@ -5,7 +5,9 @@ NVIDIA NIM (``/v1/ranking``) rerank APIs with the batch job's ``Scorer`` (``pipe
 formats and score conventions live in ``pipelines.serve.api``.
 
 - Locally: ``rerank serve conf/serve.yaml [--set serve.port=8080]`` starts Ray, binds ``serve.host:serve.port``
-  and runs until Ctrl-C (or SIGTERM), then shuts Serve (and the Ray it started) down.
+  and runs until Ctrl-C (or SIGTERM), then drains (new requests get 503 + Retry-After, those in flight may finish
+  for up to ``serve.drain_timeout_s``; ``drain_proxies`` and ``pipelines.serve.proxy``) and shuts Serve (and the
+  Ray it started) down.
 - On a cluster: ``serve deploy conf/serve_deploy.yaml`` / ``serve run conf/serve_deploy.yaml``; the Serve
   config file names the builder ``pipelines.serve:build_app`` and passes the config tree as ``args``.
 
@@ -23,6 +25,8 @@ import argparse
 import ipaddress
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +36,15 @@ from pipelines.errors import ConfigError, RerankError
 
 log = logging.getLogger("rerank.serve")
 
-__all__ = ["build_app", "check_exposure", "load_serve_config", "register_cli", "start_service", "stop_service"]
+__all__ = [
+    "build_app",
+    "check_exposure",
+    "drain_proxies",
+    "load_serve_config",
+    "register_cli",
+    "start_service",
+    "stop_service",
+]
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -134,13 +146,30 @@ def start_service(config: ServeAppConfig):
     # On the replicas' device, known now that Ray runs: a head without GPUs may deploy float16 replicas on GPUs.
     check_model_on(config.model, actor_device(config.model, replica_gpus(config)))
     s = config.serve
-    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+    try:
+        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+    except Exception as err:  # noqa: BLE001 - e.g. the port is taken: one line, not Ray's traceback
+        raise RerankError(
+            f"Serve's HTTP proxy could not start on {s.host}:{s.port} (serve.host, serve.port): {_last_line(err)}"
+        ) from None
     try:
         return serve.run(build_app(config), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     except RuntimeError as err:
         if "Deploying application" not in str(err):
             raise
         raise RerankError(f"the service failed to start: {_deployment_failure(s.app_name)}") from None
+
+
+def _last_line(err: BaseException) -> str:
+    """An exception in one line: the last non-empty line of its text (a Ray task error carries the remote
+    traceback, whose last line is the cause, e.g. ``RuntimeError: Failed to bind ...``), led by the exception's
+    type unless that line already names one."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    head = lines[-1].split(": ", 1)[0]
+    named = ": " in lines[-1] and head.replace(".", "").isidentifier() and head[:1].isupper()
+    return lines[-1] if named else f"{type(err).__name__}: {lines[-1]}"
 
 
 def _deployment_failure(app_name: str) -> str:
@@ -157,14 +186,86 @@ def _deployment_failure(app_name: str) -> str:
     return errors[-1] if errors else (lines[-1] if lines else "see the Ray Serve logs")
 
 
-def stop_service(config: ServeAppConfig, *, whole_serve: bool) -> None:
-    """Delete the app; with whole_serve also stop Serve's controller and proxies (a Ray this process started)."""
+def stop_service(config: ServeAppConfig, *, whole_serve: bool, deployed: bool = True) -> None:
+    """Delete the app, if it was deployed: Serve lets each replica finish its requests for up to
+    serve.drain_timeout_s (the deployment's graceful_shutdown_timeout_s) while the proxies still pass their
+    responses on. With whole_serve, then stop Serve's controller and proxies too (a Ray this process started):
+    ``serve.shutdown()`` alone kills the proxies at once, with the connections of the requests they hold."""
     from ray import serve
 
+    if deployed:
+        serve.delete(config.serve.app_name)
     if whole_serve:
         serve.shutdown()
-    else:
-        serve.delete(config.serve.app_name)
+
+
+def make_drain_dir() -> str:
+    """The folder through which `rerank serve` tells the proxies of a local Ray to drain
+    (``pipelines.serve.proxy``), put in the environment its Ray processes inherit: call before Ray starts."""
+    from pipelines.serve.proxy import DRAIN_DIR_ENV
+
+    folder = tempfile.mkdtemp(prefix="rerank-drain-")
+    os.environ[DRAIN_DIR_ENV] = folder
+    return folder
+
+
+def _proxy_reports(folder: str) -> list[dict[str, Any]]:
+    """The latest report of each live proxy process that registered in the drain folder."""
+    from pipelines.serve.proxy import REPORT_PREFIX, read_json
+
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith(REPORT_PREFIX) and name.endswith(".json")):
+            continue
+        data = read_json(os.path.join(folder, name))
+        if data is None or not _alive(int(data.get("pid", -1))):
+            continue  # a proxy that died (Serve restarts it) holds nothing
+        out.append(data)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def drain_proxies(folder: str, timeout_s: float, poll_s: float = 0.05, say=print) -> dict[str, int] | None:
+    """Tell the proxies of this machine's Serve (through `folder`, see ``pipelines.serve.proxy``) to answer new
+    requests 503 + Retry-After, and wait until the requests they hold have been answered: by the replicas, or by the
+    proxy with 503 once `timeout_s` has passed. Returns the totals (finished, cut, refused), or None when no proxy
+    registered (the middleware is not loaded: nothing to wait for here)."""
+    from pipelines.serve.proxy import DRAIN_FLAG, write_json
+
+    deadline = time.time() + timeout_s
+    write_json(os.path.join(folder, DRAIN_FLAG), {"deadline": deadline})
+    give_up = time.monotonic() + timeout_s + 10.0  # a proxy that stopped reporting does not hold the stop forever
+    announced = False
+    while True:
+        reports = _proxy_reports(folder)
+        if not reports:
+            return None
+        totals = {k: sum(int(r.get(k, 0)) for r in reports) for k in ("in_flight", "finished", "cut", "refused")}
+        drained = all(r.get("draining") for r in reports)
+        if drained and not announced:
+            announced = True
+            say(
+                f"rerank: stopping: new requests get 503; waiting up to {timeout_s:g} s (serve.drain_timeout_s) for "
+                f"the {totals['in_flight']} in flight",
+                flush=True,
+            )
+        if drained and totals["in_flight"] == 0:
+            return totals
+        if time.monotonic() > give_up:
+            log.warning("the proxies did not report the end of the drain in time; stopping anyway")
+            return totals
+        time.sleep(poll_s)
 
 
 def _replica_auth(handle: Any) -> bool:
@@ -186,14 +287,52 @@ def _metrics_url() -> str | None:
         return None
 
 
+def _connect(config: ServeAppConfig) -> bool:
+    """`connect`, with a Ray that fails to start (an unwritable temp folder, a node address that is not this
+    machine's, ...) in one line instead of Ray's traceback."""
+    from pipelines.engine.ray_runtime import connect
+
+    try:
+        return connect(config.ray)
+    except RerankError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever ray.init raised
+        raise RerankError(f"Ray failed to start: {_last_line(err)}") from None
+
+
+def _drain(config: ServeAppConfig, drain_dir: str | None) -> None:
+    """After SIGTERM or Ctrl-C, before Serve stops: new requests get 503, those in flight get up to
+    serve.drain_timeout_s to finish. On a cluster (no drain folder) Serve's own replica drain does it when the app
+    is deleted (`stop_service`)."""
+    s = config.serve
+    if drain_dir is None:
+        print(
+            f"rerank: stopping: deleting the application; its replicas may finish their requests for up to "
+            f"{s.drain_timeout_s:g} s (serve.drain_timeout_s)",
+            flush=True,
+        )
+        return
+    totals = drain_proxies(drain_dir, s.drain_timeout_s)
+    if totals is None:
+        log.warning("the proxy middleware (pipelines.serve.proxy) is not loaded: requests in flight are not drained")
+    elif totals["finished"] or totals["cut"] or totals["refused"]:
+        print(
+            f"rerank: drained: {totals['finished']} request(s) in flight finished, {totals['cut']} answered 503 at the "
+            f"deadline, {totals['refused']} new one(s) refused with 503",
+            flush=True,
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
-    """`rerank serve`: until Ctrl-C or SIGTERM (Kubernetes, systemd), then the app, Serve and a Ray this process
-    started are stopped, every process of that Ray gone, exit 0. Signals that come during the stop are ignored."""
+    """`rerank serve`: until Ctrl-C or SIGTERM (Kubernetes, systemd), then new requests get 503 while those in flight
+    finish (up to serve.drain_timeout_s), the app, Serve and a Ray this process started are stopped, every process
+    of that Ray gone, exit 0. Signals that come during the stop are ignored."""
     import ray
 
     from pipelines.config import load_config
-    from pipelines.engine.ray_runtime import connect, joins_cluster, shutdown, stop_on_signals
+    from pipelines.engine.ray_runtime import joins_cluster, shutdown, stop_on_signals
     from pipelines.model.backends import check_model_config
+    from pipelines.serve.proxy import DRAIN_DIR_ENV
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
@@ -203,9 +342,11 @@ def _run(args: argparse.Namespace) -> int:
     owns_ray = False
     started = False
     joined = not ray.is_initialized()
+    # The drain folder reaches the proxies of a Ray started here (they inherit this environment), not a cluster's.
+    drain_dir = make_drain_dir() if joined and not joins_cluster() else None
     with stop_on_signals():  # kept across ray.init by connect()
         try:
-            owns_ray = connect(config.ray)
+            owns_ray = _connect(config)
             handle = start_service(config)
             started = True
             s = config.serve
@@ -220,13 +361,23 @@ def _run(args: argparse.Namespace) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipelines.engine.ray_runtime.Stopped)
             log.info("shutting down")
+            if started:
+                try:
+                    _drain(config, drain_dir if owns_ray else None)
+                except Exception as err:  # noqa: BLE001 - the stop goes on, in one line
+                    log.warning("the drain failed (%s); stopping now", err)
         finally:
             try:
                 if ray.is_initialized() and (started or owns_ray):
-                    stop_service(config, whole_serve=owns_ray)
+                    stop_service(config, whole_serve=owns_ray, deployed=started)
             finally:
-                if joined:
-                    shutdown()  # a local Ray: down, and its processes gone
+                try:
+                    if joined:
+                        shutdown()  # a local Ray: down, and its processes gone
+                finally:
+                    if drain_dir is not None:
+                        os.environ.pop(DRAIN_DIR_ENV, None)
+                        shutil.rmtree(drain_dir, ignore_errors=True)
     print("rerank: service stopped", flush=True)
     return 0
 

@@ -18,7 +18,8 @@ batch job rejects the same pairs with reason ``score_not_finite``.
 
 Unknown request fields are ignored (clients send API-specific extras such as ``rank_fields``); known fields are
 validated and a bad one is answered 4xx with a message that names it, a text UTF-8 cannot encode (a lone
-surrogate) included. Every error has the body of ``ApiError.body``.
+surrogate) included. Integer fields take JSON integers only (``StrictInt``): ``true``, ``"3"`` or ``3.0`` is a
+422, not 1 or 3. Every error has the body of ``ApiError.body``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 
 class ApiError(Exception):
@@ -81,9 +82,12 @@ class CohereRerankRequest(_Request):
     model: str | None = Field(None, description="Accepted whatever it says; the service has one model.")
     query: str
     documents: list[DocumentText] = Field(..., description="Strings, or objects with a 'text' field.")
-    top_n: int | None = Field(None, ge=1, description="Results returned (default: all).")
+    # StrictInt: a JSON integer only. Pydantic's default would take true as 1, "3" as 3 and 3.0 as 3.
+    top_n: StrictInt | None = Field(None, ge=1, description="Results returned (default: all).")
     return_documents: bool = Field(False, description="Echo each document's text in its result.")
-    max_tokens_per_doc: int | None = Field(None, ge=1, description="Accepted; documents are cut at model.max_length.")
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="Accepted; documents are cut at model.max_length."
+    )
 
 
 class TEIRerankRequest(_Request):

@@ -662,6 +662,9 @@ def replica_gpus(config: ServeAppConfig) -> float:
     return 1.0
 
 
+_DRAIN_CHECK_S = 0.5
+
+
 def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
     """serve.* -> Ray Serve deployment options (replicas, resources, queue limits)."""
     s = config.serve
@@ -676,6 +679,10 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
+        # A replica being stopped (scale-down, redeploy, app deletion) finishes its requests first, up to the
+        # grace period, checking every half second (Serve's default: 2 s, a slower stop for nothing).
+        "graceful_shutdown_timeout_s": s.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": _DRAIN_CHECK_S,
     }
     if s.autoscaling is not None:
         a = s.autoscaling
