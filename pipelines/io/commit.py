@@ -5,12 +5,13 @@ The output folder of a job::
     part-00000-000.parquet ...   the top-N per query (written by the final reduce, each file atomically)
     _rejects/part-<g>.parquet    rejected rows of a group of units, with their reason (one file per merge group)
     _rejects/reduce-<k>.parquet  copies of a (query_id, doc_id) found in several units (reason duplicate)
-    _summary.json, _SUCCESS      written last, only once every count checks out
+    _summary.json, _SUCCESS      written last, only once every count checks out; the summary lists every file
+                                 published (result_files, with bytes): a resume of the finished job checks them
     _work/lease.json             who runs the job now (host, pid, start time, its lease timeout), renewed while it
                                  runs: one job per output folder (see `pipelines.io.lease`)
     _work/manifest.json          what the job is (the config that shapes its output, the model's revision, the
-                                 input files by content: S3 ETag, or size + mtime + footer hash) and its units; a
-                                 resume must match it. A finished job keeps the same record in _summary.json, so a
+                                 input files by content: S3 ETag, or size + mtime + footer hash) and its units (and
+                                 the unit_rows they were cut with: a resume keeps them); a resume must match it. A finished job keeps the same record in _summary.json, so a
                                  resume of it with another config or changed input is refused too.
     _work/partial/<unit>.parquet a unit's partial top-N of every query it holds
     _work/rejects/<unit>.parquet a unit's rejected rows (merged into _rejects/ by the reduce)

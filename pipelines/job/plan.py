@@ -5,6 +5,7 @@ hold the output folder (one job per output, `hold_output`). The units of work ar
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from pipelines.io.lease import Lease, describe_holder, live_lease
 from pipelines.io.rows import InputLayout
 from pipelines.io.storage import FileInfo, Storage
 from pipelines.io.units import Footer, identity, needs_footer_for_identity, read_footers
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2  # 2: input files identified by content (S3 ETag; local size, mtime and footer hash)
 
@@ -77,18 +80,38 @@ def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storag
     return storage, footers
 
 
+#: Settings that cannot change a score or the output's content, left out of the fingerprint (and out of an older
+#: record's, when compared), so a resume may change them: how many pairs a forward pass takes (model.batch_size,
+#: model.max_batch_tokens: micro-batches are cut from length-sorted pairs and padding does not enter a score), where
+#: exports are cached (model.cache_dir), torch's thread count (model.num_threads) and the bi-encoder's embedding
+#: cache (model.embedding_cache); the scale, ray and storage sections (resources, not results), output.mode and
+#: output.lease_timeout_s. Everything else stays: a setting that might change a score (max_length, templates,
+#: prompt_template, padding_side, long_text and chunk settings, backend, dtype, device, activation) or the output
+#: (top_n, rows_per_file, the input settings) must match.
+SCORE_NEUTRAL: dict[str, tuple[str, ...]] = {
+    "model": ("batch_size", "max_batch_tokens", "cache_dir", "num_threads", "embedding_cache"),
+    "output": ("mode", "lease_timeout_s"),
+    "input": ("uri",),  # the files themselves are compared (input_files)
+}
+SCORE_NEUTRAL_SECTIONS = ("scale", "ray", "storage")
+
+
 def job_fingerprint(config: RerankJobConfig, model: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
-    """What shapes a job's output: a resume must match it. Scale, Ray, storage settings, output.mode and the
-    lease timeout do not change the results, so they may differ. `inputs`: each input file's content identity."""
-    data = config.model_dump(mode="json")
-    for section in ("scale", "ray", "storage"):
-        data.pop(section, None)
-    data["output"].pop("mode", None)
-    data["output"].pop("lease_timeout_s", None)
-    data["input"].pop("uri", None)  # the files themselves are compared
-    data["model"].pop("num_threads", None)
+    """What shapes a job's output: a resume must match it. The settings that cannot change a score or the output
+    (`SCORE_NEUTRAL`) are left out, so they may differ. `inputs`: each input file's content identity."""
+    data = comparable(config.model_dump(mode="json"))
     data["model_revision"] = model.get("revision")
     data["input_files"] = dict(sorted(inputs.items()))
+    return data
+
+
+def comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint (or a config dump) without the score-neutral settings: what a resume compares (an older
+    rerank recorded some of them)."""
+    data = {k: v for k, v in fingerprint.items() if k not in SCORE_NEUTRAL_SECTIONS}
+    for section, keys in SCORE_NEUTRAL.items():
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in keys}
     return data
 
 
@@ -99,8 +122,8 @@ def _refuse_changed_job(
     what = "the finished job" if finished else "the job"
     files = input_changes(recorded.get("input_files", {}), fingerprint["input_files"], storage.uri)
     rest = differences(
-        {k: v for k, v in recorded.items() if k != "input_files"},
-        {k: v for k, v in fingerprint.items() if k != "input_files"},
+        {k: v for k, v in comparable(recorded).items() if k != "input_files"},
+        {k: v for k, v in comparable(fingerprint).items() if k != "input_files"},
     )
     diff = files + rest
     if not diff:
@@ -110,6 +133,35 @@ def _refuse_changed_job(
         f"cannot resume {uri}: this job differs from {what} recorded there: {'; '.join(diff[:3])}{more}; use the "
         "same config and input, or output.mode=overwrite to start over (or pick a new output.uri)"
     )
+
+
+def _check_results(uri: str, progress: Progress, summary: dict[str, Any]) -> None:
+    """A finished job's published files are all there, as its summary recorded them (`result_files`: path in
+    the output -> bytes): OutputError naming what is missing or changed, before a resume says there is nothing to
+    do. A summary written before the files were recorded cannot be checked (said in a log line)."""
+    recorded = summary.get("result_files")
+    if not isinstance(recorded, dict) or not recorded:
+        log.info("rerank: %s: its summary lists no result files (an older rerank wrote it): not checked", uri)
+        return
+    out = progress.out
+    try:
+        listed = progress.storage.fs.find(out, detail=True, withdirs=False)
+    except FileNotFoundError:
+        listed = {}
+    except Exception as err:  # noqa: BLE001 - botocore's hierarchy, as for listing
+        raise OutputError(f"cannot list output {uri}: {type(err).__name__}: {err}") from None
+    sizes = {p.rstrip("/")[len(out) + 1 :]: int(info.get("size") or 0) for p, info in listed.items()}
+    problems = [
+        f"{name} is missing" if name not in sizes else f"{name} has {sizes[name]:,} bytes, {size:,} recorded"
+        for name, size in sorted(recorded.items())
+        if sizes.get(name) != size
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise OutputError(
+            f"cannot resume {uri}: its finished job's results are not all there: {'; '.join(problems[:3])}{more}; "
+            "rerun with output.mode=overwrite to redo the job"
+        )
 
 
 def _input_roots(storage: Storage, uris: str | list[str]) -> list[str]:
@@ -260,13 +312,15 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
     if manifest is not None:
         _refuse_changed_job(config.output.uri, manifest.get("fingerprint", {}), fingerprint, storage, False)
     if mode == "resume" and state == COMPLETE:
-        recorded = (progress.read_summary() or {}).get("fingerprint")
+        summary = progress.read_summary() or {}
+        recorded = summary.get("fingerprint")
         if not recorded:
             raise OutputError(
                 f"cannot resume {config.output.uri}: its finished job does not record what produced it (written by "
                 "an older rerank), so it cannot be checked against this one; use output.mode=overwrite to redo it"
             )
         _refuse_changed_job(config.output.uri, recorded, fingerprint, storage, True)
+        _check_results(config.output.uri, progress, summary)  # "already complete" only with every result there
     if not (mode == "resume" and state == COMPLETE):
         progress_dir = out_path if state == EMPTY else f"{out_path}/_work"
         out_storage.check_writable(progress_dir)

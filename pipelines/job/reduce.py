@@ -100,12 +100,12 @@ def merge_group(group: int, partials: list[tuple[str, int]], rejects: list[str],
             parquet_bytes(top, [top.slice(int(a), int(b - a)) for a, b in zip(starts, ends)]),
         )
         placed = {str(b): i for i, b in enumerate(present)}
-    rejected_rows = 0
+    rejected_rows, files = 0, {}
     if bad:
         merged = pa.concat_tables([records.as_rejects(t, spec.layout) for t in bad])
-        out.write_parquet(progress.rejects_path(f"part-{group:05d}"), merged)
+        files |= _write(out, progress, progress.rejects_path(f"part-{group:05d}"), merged)
         rejected_rows = merged.num_rows
-    return {"group": group, "buckets": placed, "rejected_rows": rejected_rows}
+    return {"group": group, "buckets": placed, "rejected_rows": rejected_rows, "files": files}
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
@@ -141,14 +141,14 @@ def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, w
     else:
         kept, dups = records.best_of_duplicates(partial, spec.layout)
         top = records.top_n_per_query(kept, spec.top_n).select(schema.names).cast(schema)
-    files = []
+    files, published = [], {}
     if top.num_rows or write_empty:
         for j, start in enumerate(range(0, max(top.num_rows, 1), spec.rows_per_file)):
             path = progress.output_path(bucket, j)
-            out.write_parquet(path, top.slice(start, spec.rows_per_file))
+            published |= _write(out, progress, path, top.slice(start, spec.rows_per_file))
             files.append(path)
     if dups.num_rows:
-        out.write_parquet(progress.rejects_path(f"reduce-{bucket:05d}"), dups)
+        published |= _write(out, progress, progress.rejects_path(f"reduce-{bucket:05d}"), dups)
     # Check what was written, from the files: ranks 1..n per query, one row per (query_id, doc_id).
     problems, queries_out = [], 0
     if files:
@@ -168,7 +168,18 @@ def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, w
         "queries": queries_out,
         "duplicates": dups.num_rows,
         "problems": problems,
+        "files": published,
     }
+
+
+def _write(out: Storage, progress: Progress, path: str, table: pa.Table) -> dict[str, int]:
+    """One published file (`Storage.write_parquet`'s bytes), and its record: {path in the output: bytes}, what
+    `_summary.json` keeps (`result_files`) so that a resume can tell the results are all still there."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    out.write_bytes(path, data)
+    return {path[len(progress.out) + 1 :]: len(data)}
 
 
 # ---------------------------------------------------------------------------- planning
@@ -222,6 +233,7 @@ def reduce(plan: JobPlan, layout: InputLayout, totals: Totals, summary: JobSumma
     summary.rejected_by_reason = dict(sorted(reasons.items()))
     summary.rejected = sum(reasons.values())
     summary.rows_written = sum(r["rows"] for r in results)
+    summary.result_files = dict(sorted(f for r in [*merged, *results] for f in r["files"].items()))
     summary.queries = sum(r["queries"] for r in results)
 
     problems = [p for r in results for p in r["problems"]]

@@ -45,6 +45,9 @@ class JobSummary:
     #: What shaped the output (the manifest's record, see `job_fingerprint`): a resume of this finished job must
     #: match it, or it is refused.
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: The files the job published (result files and _rejects/), by path in the output, with their bytes: a resume
+    #: of this finished job checks they are all still there.
+    result_files: dict[str, int] = field(default_factory=dict)
 
     def one_line(self) -> str:
         rej = (
