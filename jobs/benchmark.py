@@ -352,7 +352,10 @@ def main() -> None:
     )
     ap.add_argument("--rate", type=float, default=2000.0, help="--engine: the simulated accelerator's pairs/s")
     ap.add_argument("--real-pairs", type=int, default=10_000, help="--engine: pairs of the real-model row")
-    ap.add_argument("--engine-only", default="", help="--engine: comma list of rows to run (host, simulated, real)")
+    ap.add_argument("--unique", action="store_true", help="--engine: every passage made distinct (no repeats)")
+    ap.add_argument(
+        "--engine-only", default="", help="--engine: comma list of rows to run (encode, host, simulated, real, small)"
+    )
     args = ap.parse_args()
     if args.engine:
         return engine_rows(args)
@@ -663,6 +666,64 @@ def near_zero_model(folder: Path) -> str:
     return str(folder)
 
 
+def _process_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def encode_rows(model: str, queries: list[str], passages: list[str], max_length: int, rounds: int = 3) -> dict:
+    """The CPU stage's encoding in this process, interleaved `rounds` times (the machine's load moves): the fast
+    tokenizer's own pair call, the pair path (tokenizer(query, passage) joining) and the one-string path
+    (model.prompt_template "question:{query} \\n \\n passage:{text}"), as pairs/s (median) and CPU-us per pair."""
+    from transformers import AutoTokenizer
+
+    from pipelines.config import ModelConfig
+    from pipelines.model.encoding import PairEncoder
+
+    tok = AutoTokenizer.from_pretrained(model)
+    pair = PairEncoder(ModelConfig(name_or_path=model, max_length=max_length))
+    one = PairEncoder(ModelConfig(name_or_path=model, max_length=max_length, prompt_template=NV_PROMPT))
+    prompts = [NV_PROMPT.format(query=q, text=t) for q, t in zip(queries, passages)]
+    ways = {
+        "tokenizer_pairs": lambda s, e: tok(queries[s:e], passages[s:e], truncation=True, max_length=max_length),
+        "tokenizer_one_string": lambda s, e: tok(prompts[s:e], truncation=True, max_length=max_length),
+        "pair_path": lambda s, e: pair.encode(queries[s:e], passages[s:e]),
+        "one_string_path": lambda s, e: one.encode(queries[s:e], passages[s:e]),
+    }
+    n = len(queries)
+    rates: dict[str, list[float]] = {k: [] for k in ways}
+    cpu: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            c0, t0 = _process_cpu_s(), time.perf_counter()
+            for i in range(0, n, 4096):
+                fn(i, min(n, i + 4096))
+            rates[name].append(n / (time.perf_counter() - t0))
+            cpu[name].append(1e6 * (_process_cpu_s() - c0) / n)
+    out = {
+        k: {"pairs_per_s": round(float(np.median(v))), "cpu_us_per_pair": round(float(np.median(cpu[k])), 1)}
+        for k, v in rates.items()
+    }
+    out["one_string_vs_pair_path"] = round(out["one_string_path"]["pairs_per_s"] / out["pair_path"]["pairs_per_s"], 2)
+    out["pair_path_vs_tokenizer"] = round(out["pair_path"]["pairs_per_s"] / out["tokenizer_pairs"]["pairs_per_s"], 2)
+    out["distinct_passages"] = len(set(passages))
+    print(
+        f"encode ({n:,} pairs, {out['distinct_passages']:,} distinct passages; this process, medians of {rounds}): "
+        + "; ".join(
+            f"{k} {v['pairs_per_s']:,} pairs/s, {v['cpu_us_per_pair']} CPU-us/pair"
+            for k, v in out.items()
+            if isinstance(v, dict)
+        )
+        + f"; one-string / pair path {out['one_string_vs_pair_path']}x, pair path / tokenizer {out['pair_path_vs_tokenizer']}x"
+    )
+    return out
+
+
+NV_PROMPT = "question:{query} \n \n passage:{text}"
+
+
 def _machine_cpu_s() -> float:
     """CPU seconds the whole machine has spent (user + system, all cores), from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -690,6 +751,11 @@ def engine_rows(args) -> None:
     per_query = max(1, min(1400, -(-args.pairs // 225)))
     write_cranfield_candidates(work / "all", k=per_query, shards=1)
     table = pq.read_table(work / "all").slice(0, args.pairs)
+    if args.unique:  # every passage distinct (each pair's text gets its number): no repeats inside a unit
+        import pyarrow as pa
+
+        texts = [f"{t} ({i})" for i, t in enumerate(table.column("text").to_pylist())]
+        table = table.set_column(table.column_names.index("text"), "text", pa.array(texts, pa.string()))
     (work / "in").mkdir()
     for i in range(8):
         pq.write_table(table.take(list(range(i, table.num_rows, 8))), work / "in" / f"part-{i}.parquet")
@@ -699,7 +765,7 @@ def engine_rows(args) -> None:
     print(f"{n} Cranfield pairs, max_length {args.max_length}, {cpus} cores ({_cpu_model()})")
     rows = {}
 
-    want = set(args.engine_only.split(",")) if args.engine_only else {"host", "simulated", "real"}
+    want = set(args.engine_only.split(",")) if args.engine_only else {"encode", "host", "simulated", "real", "small"}
     tiny = near_zero_model(work / "near-zero")
     tok = AutoTokenizer.from_pretrained(tiny)
     start = time.perf_counter()
@@ -707,6 +773,8 @@ def engine_rows(args) -> None:
         tok(queries[i : i + 4096], passages[i : i + 4096], truncation=True, max_length=args.max_length)
     alone = n / (time.perf_counter() - start)
     rows["tokenizer_alone_pairs_per_s"] = round(alone)
+    if "encode" in want:
+        rows["encode"] = encode_rows(tiny, queries, passages, args.max_length)
 
     ray.init(num_cpus=cpus + 2, num_gpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
@@ -749,6 +817,41 @@ def engine_rows(args) -> None:
                 f"simulated accelerator R = {args.rate:,.0f} pairs/s (GPU: 1 declared, "
                 f"{summary.scale['num_gpus_per_actor']:g} per actor): job scoring phase {phase:,.0f} pairs/s "
                 f"({phase / args.rate:.2f} R)"
+            )
+
+        if "small" in want:
+            # Many small files (what streaming writers make): 1,000 files of 5 rows against the same 5,000 pairs
+            # in one file, the near-zero-cost model, default scale settings; whole jobs, wall time.
+            small = table.slice(0, min(5000, n))
+            times = {}
+            for tag, files in (("one_file", 1), ("small_files", max(1, small.num_rows // 5))):
+                folder = work / f"in-{tag}"
+                folder.mkdir()
+                for i in range(files):
+                    pq.write_table(
+                        small.slice(i * (small.num_rows // files), small.num_rows // files),
+                        folder / f"p{i:04d}.parquet",
+                    )
+                (work / "in").rename(work / "in-before-small") if (work / "in").exists() else None
+                folder.rename(work / "in")
+                started = time.perf_counter()
+                summary, _ = ray_job(work, tiny, "cross-encoder", args.max_length, common, tag)
+                times[tag] = (time.perf_counter() - started, summary.units)
+                (work / "in").rename(folder)
+                if (work / "in-before-small").exists():
+                    (work / "in-before-small").rename(work / "in")
+            ratio = times["small_files"][0] / times["one_file"][0]
+            rows["small_files"] = {
+                "pairs": small.num_rows,
+                "one_file_s": round(times["one_file"][0], 1),
+                "small_files_s": round(times["small_files"][0], 1),
+                "small_files_units": times["small_files"][1],
+                "ratio": round(ratio, 2),
+            }
+            print(
+                f"small files: {small.num_rows:,} pairs in {small.num_rows // 5:,} files of 5 rows "
+                f"{times['small_files'][0]:.1f} s ({times['small_files'][1]} units) vs one file "
+                f"{times['one_file'][0]:.1f} s ({times['one_file'][1]} units): {ratio:.2f}x"
             )
 
         if "real" in want:

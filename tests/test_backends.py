@@ -163,7 +163,9 @@ def test_a_cluster_job_is_checked_on_its_actors_device(tiny_cross_encoder, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fp16 = ModelConfig(name_or_path=tiny_cross_encoder, dtype="float16")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert backends.planned_device(fp16, joins_cluster()) == torch.device("cpu")  # a local Ray: the actors are on this machine
+    assert backends.planned_device(fp16, joins_cluster()) == torch.device(
+        "cpu"
+    )  # a local Ray: the actors are on this machine
     with pytest.raises(ConfigError, match="no fast float16 CPU kernels"):
         describe_model(fp16)
     assert describe_model(fp16, on_cluster=True)["device"] == "auto (the actors')"  # as `rerank submit` plans

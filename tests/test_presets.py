@@ -56,3 +56,22 @@ def test_the_qwen3_seq_cls_preset_is_the_one_string_recipe():
     assert (
         cfg.prompt_template.format(instruction=cfg.instruction, query="{query}", text="{text}") == families.QWEN_PROMPT
     )
+
+
+def test_a_bert_one_string_prompt_is_built_from_its_parts_exactly():
+    """BERT's pre-tokenizer splits at whitespace and punctuation, so a prompt's tokens are its parts' tokens: the
+    encoder tokenizes each distinct query and passage once (as the pair path does) and the ids equal
+    tokenizer(prompt) for every pair that fits."""
+    path = str(families.minilm_path())
+    cfg = ModelConfig(name_or_path=path, max_length=512, prompt_template=families.LLAMA_PROMPT)
+    encoder = PairEncoder(cfg)
+    assert encoder.composable
+    pairs = families.cranfield_pairs(n=200)
+    queries, passages = pairs["query"].tolist(), pairs["text"].tolist()
+    texts = [cfg.prompt_template.format(query=q, text=p) for q, p in zip(queries, passages)]
+    want = encoder.tokenizer(texts)["input_ids"]
+    got = encoder.encode(queries, passages)
+    by_pair = {int(p): ids for p, ids in zip(got.unit_pair, got.input_ids)}
+    fits = [i for i, w in enumerate(want) if len(w) <= 512]
+    assert len(fits) == len(texts)
+    assert [by_pair[i] for i in fits] == [want[i] for i in fits]

@@ -556,6 +556,29 @@ class PromptPairs(_Pairs):
         self.specials = _SingleTemplate(self.tokenizer, config.name_or_path) if self.add_special_tokens else None
         self.n_fixed = self.prompt.n_fixed + (self.specials.n_special if self.specials else 0)
         self._set_budget("prompt_template tokens")
+        #: The prompt's tokens are its parts' tokens (a pre-tokenizer that splits at whitespace and punctuation,
+        #: as BERT's does, and checked on probes): pairs are built from each distinct query and passage tokenized
+        #: once, as the pair path does, instead of every prompt whole.
+        self.composable = self._composable()
+
+    def _composable(self) -> bool:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        pre = getattr(backend, "pre_tokenizer", None)
+        if pre is None or type(pre).__name__ != "BertPreTokenizer":
+            return False
+        before, after = (self.specials.prefix, self.specials.suffix) if self.specials else ([], [])
+        probes = [
+            ("what is heat transfer", "the boundary layer of a wing"),
+            ("Mach 3?", "Shock-wave: naïve café, 東京 (x=1.5e-3)."),
+            ("", "a"),
+            ("q", "x" * 40 + " y"),
+        ]
+        for q, t in probes:
+            whole = self.tokenizer(self.prompt.format(q, t), add_special_tokens=self.add_special_tokens)["input_ids"]
+            parts = _ids(self.tokenizer, [q, t])
+            if before + self.prompt.build(parts[0], parts[1]) + after != whole:
+                return False
+        return True
 
     def _prepare_labels(self) -> None:
         self.label_ids = label_token_ids(self.tokenizer, self.config)
@@ -575,15 +598,36 @@ class PromptPairs(_Pairs):
         reference. One that does not fit is built from the specials, the template's fixed parts and the query and
         document tokens, the document cut (or windowed) first, so the template and the query survive."""
         prompt = self.prompt
-        whole = _ids(self.tokenizer, [prompt.format(q, p) for q, p in zip(queries, passages)], self.add_special_tokens)
-        long = [k for k, x in enumerate(whole) if len(x) > self.max_length]
+        if self.composable:
+            return self._encode_parts(queries, passages)
+        texts = [prompt.format(q, p) for q, p in zip(queries, passages)]
+        # Each prompt tokenized once where possible: those that likely fit (by their bytes, at the tokens per byte
+        # of this batch's whole prompts) whole first; the others as parts first, and whole too only when the parts
+        # leave them within a few tokens of fitting. A guess that misses costs a second tokenization, never a
+        # wrong id: what is kept whole is always the whole prompt's tokenization, checked against max_length.
+        nbytes = [len(t.encode()) for t in texts]
+        sample = texts[: min(len(texts), 64)]
+        sampled = _ids(self.tokenizer, sample, self.add_special_tokens)
+        per_byte = sum(map(len, sampled)) / max(1, sum(nbytes[: len(sample)]))
+        first = [k for k in range(len(texts)) if k < len(sample) or nbytes[k] * per_byte <= 1.1 * self.max_length]
+        whole: dict[int, list[int]] = dict(enumerate(sampled))
+        rest = [k for k in first if k >= len(sample)]
+        whole.update(zip(rest, _ids(self.tokenizer, [texts[k] for k in rest], self.add_special_tokens)))
+        long = [k for k in range(len(texts)) if k not in whole or len(whole[k]) > self.max_length]
         q_ids = _unique_ids(self.tokenizer, [queries[k] for k in long])
         p_ids = _unique_ids(self.tokenizer, [passages[k] for k in long])
+        near = [
+            k
+            for k in long
+            if k not in whole and len(q_ids[queries[k]]) + len(p_ids[passages[k]]) + self.n_fixed <= self.max_length + 8
+        ]
+        whole.update(zip(near, _ids(self.tokenizer, [texts[k] for k in near], self.add_special_tokens)))
         before, after = (self.specials.prefix, self.specials.suffix) if self.specials else ([], [])
         ids: list[list[int]] = []
         unit_pair: list[int] = []
-        for k, x in enumerate(whole):
-            if len(x) <= self.max_length:
+        for k in range(len(texts)):
+            x = whole.get(k)
+            if x is not None and len(x) <= self.max_length:
                 ids.append(x)
                 unit_pair.append(k)
                 continue
@@ -592,8 +636,30 @@ class PromptPairs(_Pairs):
             for a, b in self.windows(len(pi), keep_p):
                 ids.append(before + prompt.build(qi[:keep_q], pi[a:b]) + after)
                 unit_pair.append(k)
-        types = [[0] * len(x) for x in ids] if self.uses_token_type_ids else None
-        return Encoded.pack(ids, types, unit_pair, len(queries))
+        out = Encoded.pack(ids, None, unit_pair, len(queries))
+        if self.uses_token_type_ids:  # one text: every token's type is 0
+            out.types = np.zeros(len(out.ids), dtype=np.int8)
+        return out
+
+    def _encode_parts(self, queries: list[str], passages: list[str]) -> Encoded:
+        """Every pair built from its query's and passage's tokens (each distinct text tokenized once): equal to the
+        whole prompt's tokens for a composable tokenizer; cut or windowed inside the template when too long."""
+        q_ids = _unique_ids(self.tokenizer, queries)
+        p_ids = _unique_ids(self.tokenizer, passages)
+        before, after = (self.specials.prefix, self.specials.suffix) if self.specials else ([], [])
+        build = self.prompt.build
+        ids: list[list[int]] = []
+        unit_pair: list[int] = []
+        for k, (q, p) in enumerate(zip(queries, passages)):
+            qi, pi = q_ids[q], p_ids[p]
+            keep_q, keep_p = self.split(len(qi), len(pi))
+            for a, b in self.windows(len(pi), keep_p):
+                ids.append(before + build(qi[:keep_q], pi[a:b]) + after)
+                unit_pair.append(k)
+        out = Encoded.pack(ids, None, unit_pair, len(queries))
+        if self.uses_token_type_ids:  # one text: every token's type is 0
+            out.types = np.zeros(len(out.ids), dtype=np.int8)
+        return out
 
 
 class PromptCrossEncoderPairs(_SequenceClassifier, PromptPairs):
