@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -438,6 +438,12 @@ class _Pairs(PairEncoder):
         keep_q = min(nq, max(self.max_query_length, self.budget - np_))
         return keep_q, min(np_, self.budget - keep_q)
 
+    def cut(self, qi: list[int], pi: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """A pair's (query tokens, passage tokens) units: cut by `split`, the passage windowed by `windows`."""
+        keep_q, keep_p = self.split(len(qi), len(pi))
+        for a, b in self.windows(len(pi), keep_p):
+            yield qi[:keep_q], pi[a:b]
+
     def windows(self, n: int, room: int) -> list[tuple[int, int]]:
         """Token spans of a passage of n tokens: [(0, room)] with long_text truncate; with chunks, overlapping
         windows of chunk_tokens (at most room) every chunk_stride tokens until the passage's end is covered."""
@@ -529,10 +535,8 @@ class CrossEncoderPairs(_SequenceClassifier, _Pairs):
         types: list[list[int]] = []
         unit_pair: list[int] = []
         for k, (q, p) in enumerate(zip(queries, passages)):
-            qi, pi = q_ids[q], p_ids[p]
-            keep_q, keep_p = self.split(len(qi), len(pi))
-            for a, b in self.windows(len(pi), keep_p):
-                u_ids, u_types = template.build(qi[:keep_q], pi[a:b])
+            for qs, ps in self.cut(q_ids[q], p_ids[p]):
+                u_ids, u_types = template.build(qs, ps)
                 ids.append(u_ids)
                 if with_types:
                     types.append(u_types)
@@ -631,12 +635,13 @@ class PromptPairs(_Pairs):
                 ids.append(x)
                 unit_pair.append(k)
                 continue
-            qi, pi = q_ids[queries[k]], p_ids[passages[k]]
-            keep_q, keep_p = self.split(len(qi), len(pi))
-            for a, b in self.windows(len(pi), keep_p):
-                ids.append(before + prompt.build(qi[:keep_q], pi[a:b]) + after)
+            for qs, ps in self.cut(q_ids[queries[k]], p_ids[passages[k]]):
+                ids.append(before + prompt.build(qs, ps) + after)
                 unit_pair.append(k)
-        out = Encoded.pack(ids, None, unit_pair, len(queries))
+        return self._packed(ids, unit_pair, len(queries))
+
+    def _packed(self, ids: list[list[int]], unit_pair: list[int], n_pairs: int) -> Encoded:
+        out = Encoded.pack(ids, None, unit_pair, n_pairs)
         if self.uses_token_type_ids:  # one text: every token's type is 0
             out.types = np.zeros(len(out.ids), dtype=np.int8)
         return out
@@ -651,15 +656,10 @@ class PromptPairs(_Pairs):
         ids: list[list[int]] = []
         unit_pair: list[int] = []
         for k, (q, p) in enumerate(zip(queries, passages)):
-            qi, pi = q_ids[q], p_ids[p]
-            keep_q, keep_p = self.split(len(qi), len(pi))
-            for a, b in self.windows(len(pi), keep_p):
-                ids.append(before + build(qi[:keep_q], pi[a:b]) + after)
+            for qs, ps in self.cut(q_ids[q], p_ids[p]):
+                ids.append(before + build(qs, ps) + after)
                 unit_pair.append(k)
-        out = Encoded.pack(ids, None, unit_pair, len(queries))
-        if self.uses_token_type_ids:  # one text: every token's type is 0
-            out.types = np.zeros(len(out.ids), dtype=np.int8)
-        return out
+        return self._packed(ids, unit_pair, len(queries))
 
 
 class PromptCrossEncoderPairs(_SequenceClassifier, PromptPairs):
