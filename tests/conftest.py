@@ -74,3 +74,24 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short private Ray temp folder for a `rerank` subprocess (socket paths have a length limit); anything of
+    ours left is killed afterwards."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import psutil
+
+    path = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
+    yield path
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(path) in part for part in (proc.info["cmdline"] or [])):
+                proc.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(path, ignore_errors=True)

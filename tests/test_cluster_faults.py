@@ -32,7 +32,7 @@ def slow_model(tmp_path_factory) -> str:
     """A model that takes its time (the simulated accelerator, 60 pairs/s) so that both actors hold units."""
     from tests.tiny_models import build_simulated_accelerator
 
-    return str(build_simulated_accelerator(tmp_path_factory.mktemp("models") / "slow", pairs_per_s=60.0))
+    return str(build_simulated_accelerator(tmp_path_factory.mktemp("models") / "slow", pairs_per_s=30.0))
 
 
 @pytest.fixture

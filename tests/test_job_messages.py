@@ -17,11 +17,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -209,21 +207,6 @@ def test_settings_that_cannot_change_a_score_do_not_block_a_resume(tmp_path, tin
 # ---------------------------------------------------------------------------- the terminal of a failed job
 
 
-@pytest.fixture
-def ray_tmp():
-    path = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    yield path
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(path) in part for part in (proc.info["cmdline"] or [])):
-                proc.kill()
-        except psutil.Error:
-            pass
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def damage_pages(path: Path, from_fraction: float) -> None:
     """Scramble the data pages of a Parquet file from `from_fraction` of them on (the footer stays readable, so
     the plan accepts the file and the job fails on the row groups behind it)."""
@@ -320,7 +303,7 @@ def test_the_progress_line_comes_while_the_first_unit_is_scored(ray_local, tmp_p
     waiting = [m for m in before if "no unit committed yet" in m]
     assert len(waiting) >= 2, progress
     # Where the work is, while the actor scores (Ray Data's executor, read in the driver): not only as it starts.
-    assert any(re.search(r"in (read \d+ at work, )?model 1 at work.*; model actors: 1 up", m) for m in waiting), waiting
+    assert any(re.search(r"in (read \d+ at work, )?model 1 at work.*; model actors: \d+ up", m) for m in waiting), waiting
 
 
 # ---------------------------------------------------------------------------- the stop line of a displaced run

@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,20 +37,6 @@ from tests.ports import free_port, port_open
 ROOT = Path(__file__).resolve().parent.parent
 TOP_N = 3
 CORE_DUMP = ("SIGTERM received", "logging.cc", "Aborted", "core dumped", "Traceback")
-
-
-@pytest.fixture
-def ray_tmp():
-    """A short private Ray temp folder (socket paths have a length limit); anything of ours left is killed."""
-    path = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
-    yield path
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(path) in part for part in (proc.info["cmdline"] or [])):
-                proc.kill()
-        except psutil.Error:
-            pass
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def _env(ray_tmp: Path, **extra: str) -> dict[str, str]:

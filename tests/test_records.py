@@ -60,7 +60,9 @@ def test_packed_explode_and_rejects():
     }
     assert empty.column("reason").to_pylist() == ["no_candidates", "no_candidates"]
     valid, bad = records.split_rejects(pairs, layout)
-    assert valid.num_rows == 1 and bad.to_pylist() == [{"query_id": "a", "doc_id": 2, "reason": "empty_text"}]
+    assert valid.num_rows == 1 and bad.to_pylist() == [
+        {"query_id": "a", "doc_id": 2, "reason": "empty_text", "detail": None}
+    ]
 
 
 def test_non_finite_scores_are_rejected():

@@ -12,7 +12,6 @@ import yaml
 
 from tests.datasets import make_pairs, write_flat
 from tests.test_lifecycle import CORE_DUMP, Tree, _env, _start_run
-from tests.test_lifecycle import ray_tmp as _ray_tmp  # noqa: F401 - the fixture ray_tmp, used by name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

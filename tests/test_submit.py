@@ -221,14 +221,15 @@ def test_batch_job_on_three_nodes_actors_on_workers_only(cluster, tmp_path, tiny
     env_vars = info["runtime_env"]["env_vars"]
     assert env_vars == {"AWS_REGION": "eu-west-1", "HF_HUB_OFFLINE": "1"}
 
-    # Model actors: at most two (one per unit), placed on worker nodes only; the units scored there too. (An
+    # Model actors: at most two, placed on worker nodes only; the units scored there too. (An
     # actor that was never needed may be killed before it is placed: it has no node.)
     scorers = [a for a in cluster.actors() if "ModelStage" in (a.get("class_name") or "")]
     assert 1 <= len(scorers) <= 2, [a.get("class_name") for a in cluster.actors()]
     assert {a["node_id"] for a in scorers} - {None} <= worker_ids(cluster)
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert set(summary["scale"]["units_by_node"]) <= worker_ids(cluster)
-    assert sum(summary["scale"]["units_by_node"].values()) == summary["units"] == 2
+    # two small files: combined into one unit (small files make few units)
+    assert sum(summary["scale"]["units_by_node"].values()) == summary["units"] == 1
 
     # What was uploaded: the package and the config, nothing else.
     head = cluster.nodes[0].temp_dir
