@@ -458,15 +458,159 @@ class RayConfig(_Strict):
         return v
 
 
+# ---------------------------------------------------------------------------- cascades (job, service, eval)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class CascadeStage(_Strict):
+    """One stage of a cascade: a reranker over what the stage before it kept for each query (the first stage:
+    over all the candidates). Give the stage its `model`, or (in `rerank serve` and `rerank eval`) name an entry
+    of `rerankers:` as `reranker` to use that entry's model (and, in the service, its deployment)."""
+
+    name: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        max_length=64,
+        description="The stage's label: its score column (score_<name>) in the job's output, its line in summaries "
+        "and reports. Default: the reranker it names, else stage1, stage2, ...",
+    )
+    model: ModelConfig | None = Field(None, description="The stage's model (the same section as model:).")
+    reranker: str | None = Field(
+        None,
+        description="rerank serve / rerank eval: the name of an entry of rerankers: whose model this stage runs "
+        "(instead of model).",
+    )
+    keep: int | None = Field(
+        None,
+        ge=1,
+        description="Candidates per query this stage passes on to the next (its top M, over all of a query's "
+        "candidates). Required on every stage but the last, whose cut is output.top_n (the job), the request's "
+        "top_n (the service) or N (the eval).",
+    )
+    scale: ScaleConfig | None = Field(
+        None, description="rerank run: this stage's actor pool and resources (default: the job's scale section)."
+    )
+
+    @model_validator(mode="after")
+    def _one_model(self) -> CascadeStage:
+        if (self.model is None) == (self.reranker is None):
+            raise ValueError("a cascade stage gives its model, or names a reranker (rerank serve/eval), not both")
+        return self
+
+
+def check_cascade(stages: list[CascadeStage], where: str = "cascade") -> list[CascadeStage]:
+    """The rules every cascade follows, in one line each: stage names unique (defaults filled in), `keep` on every
+    stage but the last, each `keep` no larger than the one before. Returns the stages with their names set."""
+    if not stages:
+        raise ValueError(f"{where}: give at least one stage")
+    named: list[CascadeStage] = []
+    for i, stage in enumerate(stages, 1):
+        name = stage.name or stage.reranker or f"stage{i}"
+        named.append(stage if stage.name == name else stage.model_copy(update={"name": name}))
+    names = [s.name for s in named]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: the stage name {dupes[0]!r} is used twice; give the stages distinct names")
+    for i, stage in enumerate(named[:-1], 1):
+        if stage.keep is None:
+            raise ValueError(f"{where}: stage {i} ({stage.name}) needs keep: how many candidates per query go on")
+    if named[-1].keep is not None:
+        raise ValueError(
+            f"{where}: the last stage ({named[-1].name}) takes no keep: its cut is the top_n of the output or request"
+        )
+    keeps = [s.keep for s in named[:-1]]
+    for i in range(1, len(keeps)):
+        if keeps[i] > keeps[i - 1]:  # type: ignore[operator]
+            raise ValueError(
+                f"{where}: stage {i + 1} ({named[i].name}) keeps {keeps[i]}, more than the {keeps[i - 1]} stage {i} "
+                f"({named[i - 1].name}) passed on; each keep must be no larger than the one before"
+            )
+    return named
+
+
+class RerankerSpec(_Strict):
+    """One reranker of a side-by-side evaluation."""
+
+    name: str = Field(
+        ...,
+        pattern=NAME_PATTERN,
+        max_length=64,
+        description="Its name: the request's model field in the service; the label in the eval's report, run files "
+        "(runs/<name>_k<K>.run) and job folder.",
+    )
+    model: ModelConfig | None = Field(None, description="The reranker (the same section as rerank run's model).")
+    cascade: list[CascadeStage] | None = Field(
+        None,
+        description="A named cascade instead of a model: stages [{reranker: <name>, keep: M}, ...] over other "
+        "entries (or stages with their own model).",
+    )
+
+    @model_validator(mode="after")
+    def _model_or_cascade(self) -> RerankerSpec:
+        if (self.model is None) == (self.cascade is None):
+            raise ValueError(f"rerankers: {self.name} gives a model or a cascade, not both")
+        if self.cascade is not None:
+            named = check_cascade(self.cascade, f"rerankers: {self.name}: cascade")
+            if named != self.cascade:
+                object.__setattr__(self, "cascade", named)
+        return self
+
+
+def check_rerankers(specs: list[RerankerSpec]) -> None:
+    """A `rerankers:` list (service and eval): names unique; a cascade's stages name entries that exist and hold a
+    model (a cascade does not nest another)."""
+    names = [r.name for r in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"rerankers: the name {dupes[0]!r} is used twice")
+    models = {r.name for r in specs if r.model is not None}
+    for spec in specs:
+        for stage in spec.cascade or []:
+            if stage.reranker is not None and stage.reranker not in models:
+                what = "is a cascade (cascades do not nest)" if stage.reranker in names else "is not in rerankers"
+                raise ValueError(
+                    f"rerankers: {spec.name}: stage {stage.name} names {stage.reranker!r}, which {what}; "
+                    f"name one of {sorted(models)}"
+                )
+
+
 class RerankJobConfig(_Strict):
     """`rerank run`: candidates in, top-N per query out."""
 
     input: InputConfig
     output: OutputConfig
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="The reranker (or give several stages as cascade).")
+    cascade: list[CascadeStage] | None = Field(
+        None,
+        description="Rerankers in order, each over the candidates the one before kept per query "
+        "([{name, model, keep, scale}, ...]); instead of model.",
+    )
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _model_or_cascade(self) -> RerankJobConfig:
+        if (self.model is None) == (self.cascade is None):
+            raise ValueError("give the reranker as model, or several stages as cascade: [{name, model, keep}, ...]")
+        if self.cascade is not None:
+            named = check_cascade(self.cascade)
+            for stage in named:
+                if stage.reranker is not None:
+                    raise ValueError(
+                        f"cascade: stage {stage.name} names reranker {stage.reranker!r}, but rerank run has no "
+                        "rerankers list: give the stage its model"
+                    )
+            last_keep = named[-2].keep if len(named) > 1 else None
+            if last_keep is not None and self.output.top_n > last_keep:
+                raise ValueError(
+                    f"output.top_n {self.output.top_n} is more than the {last_keep} candidates per query the "
+                    f"stage before the last ({named[-2].name}) keeps; lower output.top_n or raise that keep"
+                )
+            if named != self.cascade:
+                object.__setattr__(self, "cascade", named)  # names filled in, without revalidating
+        return self
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -697,9 +841,23 @@ class ServeConfig(_Strict):
 class ServeAppConfig(_Strict):
     """`rerank serve` and the Ray Serve application builder `pipelines.serve:build_app`."""
 
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="The reranker served (or several, named, as rerankers).")
+    rerankers: list[RerankerSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Several named rerankers in one application ({name, model} or {name, cascade}), routed by the "
+        "request's model field; instead of model.",
+    )
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _model_or_rerankers(self) -> ServeAppConfig:
+        if (self.model is None) == (self.rerankers is None):
+            raise ValueError("give the reranker as model, or several as rerankers: [{name, model}, ...], not both")
+        if self.rerankers is not None:
+            check_rerankers(self.rerankers)
+        return self
 
 
 # ---------------------------------------------------------------------------- evaluation (`rerank eval`)
@@ -818,18 +976,6 @@ class EvalCostConfig(_Strict):
     )
 
 
-class RerankerSpec(_Strict):
-    """One reranker of a side-by-side evaluation."""
-
-    name: str = Field(
-        ...,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        max_length=64,
-        description="Label in the report, the run files (runs/<name>_k<K>.run) and its job folder.",
-    )
-    model: ModelConfig = Field(..., description="The reranker (the same section as rerank run's model).")
-
-
 class EvalReportConfig(_Strict):
     dir: str = Field("rerank-output/eval", description="Local folder for report.json, report.md, the plot and runs/.")
     mode: Literal["error", "overwrite"] = Field(
@@ -903,10 +1049,8 @@ class EvalConfig(_Strict):
     def _one_way_to_name_rerankers(self) -> EvalConfig:
         if (self.model is None) == (self.rerankers is None):
             raise ValueError("give the reranker as model, or several as rerankers: [{name, model}, ...], not both")
+        check_rerankers(self.rerankers or [])
         names = [r.name for r in self.rerankers or []]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"rerankers: the name {dupes[0]!r} is used twice")
         if "first_stage" in names:
             raise ValueError("rerankers: 'first_stage' is the name of the first-stage run; pick another")
         return self

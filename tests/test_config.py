@@ -56,7 +56,7 @@ def test_errors_name_the_key(tmp_path, overrides, message):
 
 
 def test_missing_required_and_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="model: required key is missing"):
+    with pytest.raises(ConfigError, match="give the reranker as model, or several stages as cascade"):
         load_config(RerankJobConfig, write(tmp_path, "input: {uri: a}\noutput: {uri: b}\n"))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(RerankJobConfig, tmp_path / "missing.yaml")
