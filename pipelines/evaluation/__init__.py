@@ -1,7 +1,8 @@
 """`rerank eval`: what a reranker buys on a test collection, as N_Base, K and N_Reranked.
 
 Modules: ``first_stage`` (BM25, dense, run files),
-``metrics`` (ir_measures), ``costs`` (LLM context tokens and money), ``sweep`` (the run), ``report`` (files); the
+``metrics`` (ir_measures), ``costs`` (LLM context tokens and money), ``cascade`` (cascade entries of
+``rerankers:``: their rankings, pairs per stage and compute), ``sweep`` (the run), ``report`` (files); the
 collections' readers (TREC, BEIR, JSONL/Parquet, SMART, the bundled Cranfield) are ``pipelines.io.collections``.
 
 For the demo and notebooks::
@@ -47,12 +48,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from pipelines.config import EvalConfig, load_config
     from pipelines.engine.ray_runtime import connect, joins_cluster, shutdown, stop_on_signals
+    from pipelines.evaluation.cascade import spec_models
     from pipelines.evaluation.sweep import run_eval
     from pipelines.model.backends import check_model_config
 
     config = load_config(EvalConfig, args.config, args.overrides)
     for spec in config.reranker_specs:  # an unsupported backend/dtype is refused before Ray starts
-        check_model_config(spec.model, joins_cluster())
+        for model in spec_models(spec, config.reranker_specs):  # a cascade's stages' models too
+            check_model_config(model, joins_cluster())
     with stop_on_signals():  # SIGTERM stops it as Ctrl-C does (exit 143), not with Ray's stack dump
         joined = not ray.is_initialized()
         try:

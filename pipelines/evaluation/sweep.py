@@ -16,7 +16,11 @@ and the first query) instead of measuring a ranking around it. The job rejects s
 
 Several rerankers (``rerankers: [{name, model}, ...]``) are each scored by their own job over the same first-stage
 candidates; their runs are named ``<name>_k<K>`` (one ``model:`` is the reranker named ``rerank``), so quality,
-N_Reranked, tokens and each reranker's measured throughput and cost are reported side by side.
+N_Reranked, tokens and each reranker's measured throughput and cost are reported side by side. An entry with
+``cascade:`` instead of ``model:`` is ranked per K by ``pipelines.evaluation.cascade`` from the scores of its stages'
+models: an entry's scores are reused, a stage with a model no entry has is scored by its own job over only what
+reaches that stage (``rerank_job_<cascade>.<stage>``); its compute at K is each stage's pairs at that model's
+measured pairs/s, summed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from typing import Any
 
 from pipelines.config import EvalConfig, EvalDataConfig, InputConfig, OutputConfig, RerankJobConfig
 from pipelines.errors import InputError, OutputError
+from pipelines.evaluation.cascade import (
+    CascadeFigures,
+    ModelScores,
+    cascade_ranking,
+    cascade_stages,
+    default_tokenizer,
+    model_key,
+    needed_pairs,
+)
 from pipelines.evaluation.costs import context_tokens, count_tokens, token_summary
 from pipelines.evaluation.metrics import NonFiniteScoreError, Ranking, evaluate, measure_names
 from pipelines.evaluation.report import job_dir_name, run_name
@@ -250,10 +263,12 @@ def tradeoff(
     tokens: dict[str, Any],
     pairs: dict[int, int],
     config: EvalConfig,
-    pairs_per_s: float,
+    pairs_per_s: float | None,
     reranker: str = "rerank",
+    seconds: dict[int, float | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The three answers for every (N_Base, K) of one reranker."""
+    """The three answers for every (N_Base, K) of one reranker. Its compute at K: `seconds[k]` (a cascade's, summed
+    over its stages), else its pairs at `pairs_per_s`."""
     qm, depth, price = config.quality_measure, config.depth, config.cost.price_per_million_tokens
     rows = []
     for nb in config.n_base:
@@ -282,7 +297,9 @@ def tradeoff(
                 "llm_reranked_at_n_base": same_n,
                 "llm_reranked_at_n_reranked": token_summary(tokens[run_name(k, reranker)], n_r, price) if n_r else None,
                 "reranker_pairs_scored": pairs[k],
-                "reranker_seconds_estimated": pairs[k] / pairs_per_s if pairs_per_s else None,
+                "reranker_seconds_estimated": (
+                    seconds[k] if seconds is not None else pairs[k] / pairs_per_s if pairs_per_s else None
+                ),
             }
             if n_r:
                 saved = base_cost["total_tokens"] - row["llm_reranked_at_n_reranked"]["total_tokens"]
@@ -316,23 +333,71 @@ def run_eval(config: EvalConfig) -> EvalResult:
     rankings: dict[str, Ranking] = {FIRST_STAGE: first_ranking}
     pairs: dict[str, dict[int, int]] = {}
     summaries: dict[str, Any] = {}
+    by_model: dict[str, ModelScores] = {}  # model section -> every score it gave (shared by entries and stages)
+    work = report_dir / "_work"
+    everything = {q: list(docs) for q, docs in first_ranking.items()}
     for spec in config.reranker_specs:
+        if spec.model is None:
+            continue
         t = time.perf_counter()
         scores, summaries[spec.name] = score_candidates(
             config,
             coll,
             first_ranking,
-            report_dir / "_work",
+            work,
             report_dir / job_dir_name(config, spec.name),
             model=spec.model,
             reranker=spec.name,
         )
         timing[f"rerank_job_s.{spec.name}" if config.rerankers else "rerank_job_s"] = time.perf_counter() - t
+        key = model_key(spec.model)
+        if key not in by_model:
+            by_model[key] = ModelScores({}, {})
+            by_model[key].add(scores, everything, summaries[spec.name], job_dir_name(config, spec.name))
         pairs[spec.name] = {}
         for k in config.k_values:
             rankings[run_name(k, spec.name)] = rerank_top_k(first_ranking, scores, k, reranker=spec.name)
             pairs[spec.name][k] = sum(sum(1 for d in first_ranking[q][:k] if d in scores.get(q, {})) for q in qids)
-    shutil.rmtree(report_dir / "_work", ignore_errors=True)
+    cascades: dict[str, Any] = {}
+    for spec in config.reranker_specs:
+        if spec.cascade is None:
+            continue
+        stages = cascade_stages(spec, config.reranker_specs)
+        keeps = [s.keep for s in stages]
+        stage_scores: list[dict[str, dict[str, float]]] = []
+        for stage in stages:
+            key = model_key(stage.model)
+            held = by_model.setdefault(key, ModelScores({}, {}))
+            # What this stage receives for some K, given the stages before: scored only if no entry or earlier
+            # stage with the same model section scored it already.
+            missing = held.missing(needed_pairs(first_ranking, stage_scores, keeps, config.k_values))
+            if missing:
+                t = time.perf_counter()
+                job = f"rerank_job_{spec.name}.{stage.name}"
+                scores, summary = score_candidates(
+                    config,
+                    coll,
+                    missing,
+                    work,
+                    report_dir / job,
+                    model=stage.model,
+                    reranker=f"{spec.name}.{stage.name}",
+                )
+                held.add(scores, missing, summary, job)
+                timing[f"rerank_job_s.{spec.name}.{stage.name}"] = time.perf_counter() - t
+            stage_scores.append(held.scores)
+        names = [s.name for s in stages]
+        per_k = {}
+        for k in config.k_values:
+            run = cascade_ranking(first_ranking, stage_scores, keeps, k, reranker=spec.name, names=names)
+            rankings[run_name(k, spec.name)] = run.ranking
+            per_k[k] = run.pairs_per_stage
+        pairs[spec.name] = {k: sum(v) for k, v in per_k.items()}
+        cascades[spec.name] = CascadeFigures(stages, per_k, [by_model[model_key(s.model)] for s in stages])
+    shutil.rmtree(work, ignore_errors=True)
+    rankings = {FIRST_STAGE: first_ranking} | {
+        run_name(k, s.name): rankings[run_name(k, s.name)] for s in config.reranker_specs for k in config.k_values
+    }
 
     t = time.perf_counter()
     names = measure_names(config.n_grid, config.quality_measure, config.depth)
@@ -341,16 +406,27 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
     t = time.perf_counter()
     candidates = {d for docs in first_ranking.values() for d in docs}
-    tokenizer = config.cost.tokenizer or config.reranker_specs[0].model.name_or_path
+    tokenizer = default_tokenizer(config)
     doc_tokens = count_tokens({d: coll.corpus[d] for d in candidates}, tokenizer)
     tokens = {name: context_tokens(r, doc_tokens, qids, config.depth) for name, r in rankings.items()}
     timing["tokens_s"] = time.perf_counter() - t
 
+    seconds = {
+        s.name: (
+            cascades[s.name].seconds()
+            if s.name in cascades
+            else {
+                k: n / summaries[s.name].pairs_per_s if summaries[s.name].pairs_per_s else None
+                for k, n in pairs[s.name].items()
+            }
+        )
+        for s in config.reranker_specs
+    }
     rows = [
         row
         for spec in config.reranker_specs
         for row in tradeoff(
-            measures, tokens, pairs[spec.name], config, summaries[spec.name].pairs_per_s, reranker=spec.name
+            measures, tokens, pairs[spec.name], config, None, reranker=spec.name, seconds=seconds[spec.name]
         )
     ]
     timing["total_s"] = time.perf_counter() - started
@@ -363,6 +439,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
         measures=measures,
         tokens=tokens,
         pairs=pairs,
+        seconds=seconds,
+        cascades=cascades,
         rows=rows,
         timing=timing,
     )
