@@ -38,6 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.engine.ray_runtime import joins_cluster
     from pipelines.io.storage import credentials_to_environment
     from pipelines.job import plan_and_hold, plan_rerank, run_rerank
+    from pipelines.job.cascade import hold_cascade, plan_cascade
 
     overrides = args.overrides + (["output.mode=resume"] if args.resume else [])
     config = load_config(RerankJobConfig, args.config, overrides)
@@ -47,7 +48,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         plan = None
         joined = False
         try:
-            plan = plan_rerank(config)  # every input, model and output check before Ray starts
+            # every input, model and output check before Ray starts (a cascade's: every stage's model)
+            plan = plan_rerank(config) if config.cascade is None else plan_cascade(config)
             if plan.already_complete:
                 print(f"rerank: {config.output.uri} is already complete (it has _SUCCESS); nothing to do", flush=True)
                 return 0
@@ -55,7 +57,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             joined = not ray.is_initialized()  # False when the caller's Ray is already up (tests, notebooks)
             # One job per output folder: a second run is refused before Ray starts.
-            plan, lease = plan_and_hold(config, plan)
+            if config.cascade is None:
+                plan, lease = plan_and_hold(config, plan)
+            else:
+                lease = hold_cascade(plan)
             if lease is None:  # a run that held the folder finished it while this one planned
                 print(f"rerank: {config.output.uri} is already complete (it has _SUCCESS); nothing to do", flush=True)
                 return 0
@@ -89,6 +94,8 @@ def _stopped_at(plan) -> str:
     if taken is not None:
         return taken
     try:
+        if hasattr(plan, "describe_progress"):  # a cascade: how far its stages got
+            return f"stopped ({plan.describe_progress()}); {resume}"
         progress = plan.progress
         units = (progress.read_manifest() or {}).get("units")
         if units is None:
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_plugins() -> None:
     """Subcommands that live beside their feature register themselves (their heavy imports stay lazy)."""
+    from pipelines.cli.store import register_cli as register_store
     from pipelines.cli.submit import register_cli as register_submit
     from pipelines.evaluation import register_cli as register_eval
     from pipelines.serve import register_cli as register_serve
@@ -180,6 +188,7 @@ def _register_plugins() -> None:
     register_serve(COMMANDS, _add_config_args)
     register_eval(COMMANDS, _add_config_args)
     register_submit(COMMANDS, _add_config_args)
+    register_store(COMMANDS, _add_config_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from pipelines.io.commit import (
     FOREIGN,
     INCOMPLETE,
     SUCCESS,
+    WORK,
     Progress,
     differences,
     input_changes,
@@ -90,7 +91,7 @@ def inspect_corpus(config: RerankJobConfig, layout: InputLayout) -> tuple[Storag
 #: (top_n, rows_per_file, the input settings) must match.
 SCORE_NEUTRAL: dict[str, tuple[str, ...]] = {
     "model": ("batch_size", "max_batch_tokens", "cache_dir", "num_threads", "embedding_cache"),
-    "output": ("mode", "lease_timeout_s"),
+    "output": ("mode", "lease_timeout_s", "score_store"),  # the store changes where a score comes from, not it
     "input": ("uri",),  # the files themselves are compared (input_files)
 }
 SCORE_NEUTRAL_SECTIONS = ("scale", "ray", "storage")
@@ -179,17 +180,22 @@ def _check_overlaps(
     out_storage: Storage,
     out_path: str,
     inputs: list[tuple[str, Storage, list[str], list[str]]],
+    work_inputs: bool = False,
 ) -> list[str]:
     """Refuse an output folder that is, holds or lies in any input (its files or the folders named), compared on
     resolved paths (local: symlinks, ``..``, repeated and trailing slashes; S3: prefix spellings): a later run
     would read the results as input, and an overwrite would delete the input. The same for a local model folder
     and model.cache_dir. `inputs`: (what, storage, roots, files). Returns the resolved paths no deletion in the
-    output may touch."""
+    output may touch. `work_inputs`: inputs in the output's own `_work/` are the cascade's earlier stages (its
+    work, deleted with it once the output is published), not the user's."""
     protect: list[str] = []
+    work = out_storage.resolved(f"{out_path.rstrip('/')}/{WORK}") + "/"
     for what, storage, roots, files in inputs:
         if storage.protocol != out_storage.protocol:
             continue
         for other in roots + files:
+            if work_inputs and (storage.resolved(other) + "/").startswith(work):
+                continue
             if out_storage.overlaps(out_path, other):
                 really = out_storage.resolved(out_path)
                 shown = f" (really {out_storage.uri(really)})" if really != out_path.rstrip("/") else ""
@@ -248,10 +254,11 @@ class JobPlan:
         return self.state == COMPLETE and self.config.output.mode == "resume"
 
 
-def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobPlan:
+def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None, held: Lease | None = None) -> JobPlan:
     """Validate a job without Ray: raises InputError / OutputError / ConfigError naming the problem.
     `on_cluster`: the job will run on a cluster (default: RAY_ADDRESS is set), so with model.device auto the
-    device is the actors', checked once they are known."""
+    device is the actors', checked once they are known. `held`: the output's lease, already this run's (a
+    cascade's last stage, whose input is the stage before's results in the output's `_work/`)."""
     from pipelines.engine.ray_runtime import joins_cluster
     from pipelines.model.scoring import describe_model
 
@@ -282,10 +289,12 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None) -> JobP
         inputs.append(
             ("corpus", corpus[0], _input_roots(corpus[0], config.input.corpus_uri), [f.info.path for f in corpus[1]])
         )
-    protected = _check_overlaps(config, out_storage, out_path, inputs)
+    protected = _check_overlaps(config, out_storage, out_path, inputs, work_inputs=held is not None)
     timeout = config.output.lease_timeout_s
     holder = live_lease(progress, timeout) if state != EMPTY else None
-    if holder is not None:  # not stale by its holder's rule (its own timeout; alive on this machine)
+    if holder is not None and (
+        held is None or holder.get("token") != held.token
+    ):  # not stale by its holder's rule (its own timeout; alive on this machine)
         raise OutputError(
             f"output {config.output.uri} is in use by another run ({describe_holder(holder, holder['age_s'], timeout)}"
             "); wait for it to finish, or stop it; one job writes one output folder at a time"

@@ -30,6 +30,7 @@ from pipelines.io import rows as records
 from pipelines.io.commit import Progress
 from pipelines.io.rows import InputLayout
 from pipelines.io.storage import Storage
+from pipelines.job.link import NO_LINK, CascadeLink
 from pipelines.job.summary import JobError, JobSummary, Totals
 
 if TYPE_CHECKING:
@@ -64,6 +65,19 @@ class ReduceSpec:
     top_n: int
     rows_per_file: int
     buckets: int
+    link: CascadeLink = NO_LINK  # a cascade's stage: the columns it carries, its score column, its rejects' stage
+
+    @property
+    def reject_schema(self) -> pa.Schema:
+        schema = self.layout.reject_schema
+        return schema.append(pa.field("stage", pa.string())) if self.link.stage else schema
+
+    def rejects(self, table: pa.Table) -> pa.Table:
+        """Rejects as published: in a cascade, with the stage that rejected them named."""
+        table = records.as_rejects(table, self.layout)
+        if self.link.stage:
+            table = table.append_column("stage", pa.array([self.link.stage] * table.num_rows, pa.string()))
+        return table
 
 
 #: Units per merge task, the reduce's first round: each bucket's reducer then reads one row group per group of
@@ -88,7 +102,7 @@ def merge_group(group: int, partials: list[tuple[str, int]], rejects: list[str],
         bad = list(pool.map(lambda uid: _read(out, progress.unit_rejects_path(uid), None), rejects))
     placed: dict[str, int] = {}
     if tables:
-        top = pa.concat_tables(tables)
+        top = pa.concat_tables(tables, promote_options="default")  # a resume may have added a score store
         buckets = bucket_of(top.column("query_id"), spec.buckets)
         order = np.argsort(buckets, kind="stable")
         top, buckets = top.take(pa.array(order)), buckets[order]
@@ -102,13 +116,13 @@ def merge_group(group: int, partials: list[tuple[str, int]], rejects: list[str],
         placed = {str(b): i for i, b in enumerate(present)}
     rejected_rows, files = 0, {}
     if bad:
-        merged = pa.concat_tables([records.as_rejects(t, spec.layout) for t in bad])
+        merged = pa.concat_tables([spec.rejects(t) for t in bad])
         files |= _write(out, progress, progress.rejects_path(f"part-{group:05d}"), merged)
         rejected_rows = merged.num_rows
     return {"group": group, "buckets": placed, "rejected_rows": rejected_rows, "files": files}
 
 
-def output_schema(layout: InputLayout) -> pa.Schema:
+def output_schema(layout: InputLayout, link: CascadeLink = NO_LINK) -> pa.Schema:
     fields = [
         pa.field("query_id", layout.query_id_type),
         pa.field("doc_id", layout.doc_id_type),
@@ -117,6 +131,9 @@ def output_schema(layout: InputLayout) -> pa.Schema:
     ]
     if layout.has_first_stage_rank:
         fields.append(pa.field("first_stage_rank", pa.int64()))
+    fields += [pa.field(name, kind) for name, kind in link.carried_types.items()]
+    if link.score_as:
+        fields.append(pa.field(link.score_as, pa.float32()))
     return pa.schema(fields)
 
 
@@ -133,14 +150,23 @@ def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, w
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         tables = list(pool.map(read, parts))
-    schema = output_schema(spec.layout)
+    schema = output_schema(spec.layout, spec.link)
     partial = pa.concat_tables(tables) if tables else None
     if partial is None or partial.num_rows == 0:
         kept, dups = schema.empty_table(), spec.layout.reject_schema.empty_table()
         top = schema.empty_table()
     else:
         kept, dups = records.best_of_duplicates(partial, spec.layout)
-        top = records.top_n_per_query(kept, spec.top_n).select(schema.names).cast(schema)
+        top = records.top_n_per_query(kept, spec.top_n)
+        if spec.link.score_as:
+            top = top.append_column(spec.link.score_as, top.column("score"))
+        top = top.select(schema.names).cast(schema)
+    # Copies dropped as duplicates whose score came from the score store (counted as reused, not scored).
+    dups_reused = 0
+    if dups.num_rows and "reused" in partial.column_names:
+        dups_reused = int(pc.sum(partial.column("reused")).as_py() or 0) - int(
+            pc.sum(kept.column("reused")).as_py() or 0
+        )
     files, published = [], {}
     if top.num_rows or write_empty:
         for j, start in enumerate(range(0, max(top.num_rows, 1), spec.rows_per_file)):
@@ -148,7 +174,7 @@ def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, w
             published |= _write(out, progress, path, top.slice(start, spec.rows_per_file))
             files.append(path)
     if dups.num_rows:
-        published |= _write(out, progress, progress.rejects_path(f"reduce-{bucket:05d}"), dups)
+        published |= _write(out, progress, progress.rejects_path(f"reduce-{bucket:05d}"), spec.rejects(dups))
     # Check what was written, from the files: ranks 1..n per query, one row per (query_id, doc_id).
     problems, queries_out = [], 0
     if files:
@@ -167,6 +193,7 @@ def reduce_bucket(bucket: int, parts: list[tuple[int, int]], spec: ReduceSpec, w
         "rows": top.num_rows,
         "queries": queries_out,
         "duplicates": dups.num_rows,
+        "duplicates_reused": dups_reused,
         "problems": problems,
         "files": published,
     }
@@ -191,7 +218,9 @@ def reduce_buckets(config: RerankJobConfig, partial_bytes: int) -> int:
     return config.scale.num_partitions or max(1, math.ceil(partial_bytes / BUCKET_BYTES))
 
 
-def reduce(plan: JobPlan, layout: InputLayout, totals: Totals, summary: JobSummary) -> None:
+def reduce(
+    plan: JobPlan, layout: InputLayout, totals: Totals, summary: JobSummary, link: CascadeLink = NO_LINK
+) -> None:
     """The final top-N in two rounds of Ray tasks (groups of MERGE_FANIN units merged, then one task per bucket),
     then the job's accounting, checked."""
     import ray
@@ -202,7 +231,7 @@ def reduce(plan: JobPlan, layout: InputLayout, totals: Totals, summary: JobSumma
     buckets = reduce_buckets(config, sum(size for _, size in totals.with_partial))
     summary.scale["reduce_buckets"] = buckets
     spec = ReduceSpec(
-        layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file, buckets
+        layout, config.storage, config.output.uri, config.output.top_n, config.output.rows_per_file, buckets, link
     )
     partial, rejected = dict(totals.with_partial), set(totals.with_rejects)
     members = sorted(set(partial) | rejected)  # units that left anything to merge, in a stable order
@@ -224,11 +253,14 @@ def reduce(plan: JobPlan, layout: InputLayout, totals: Totals, summary: JobSumma
 
     reasons = totals.rejected
     summary.pairs_in, summary.pairs_scored = totals.pairs_in, totals.pairs_scored
+    summary.pairs_reused = totals.pairs_reused
     summary.windows_scored = totals.windows_scored
     duplicates = sum(r["duplicates"] for r in results)
     if duplicates:
         reasons[records.DUPLICATE] += duplicates
-        summary.pairs_scored -= duplicates
+        reused = sum(r.get("duplicates_reused", 0) for r in results)
+        summary.pairs_scored -= duplicates - reused
+        summary.pairs_reused -= reused
     summary.read_amplification = round(totals.rows_decoded / totals.rows, 4) if totals.rows else 0.0
     summary.rejected_by_reason = dict(sorted(reasons.items()))
     summary.rejected = sum(reasons.values())
@@ -237,9 +269,10 @@ def reduce(plan: JobPlan, layout: InputLayout, totals: Totals, summary: JobSumma
     summary.queries = sum(r["queries"] for r in results)
 
     problems = [p for r in results for p in r["problems"]]
-    if summary.pairs_in != summary.pairs_scored + summary.rejected:
+    if summary.pairs_in != summary.pairs_scored + summary.pairs_reused + summary.rejected:
         problems.append(
-            f"pairs_in {summary.pairs_in} != pairs_scored {summary.pairs_scored} + rejected {summary.rejected}"
+            f"pairs_in {summary.pairs_in} != pairs_scored {summary.pairs_scored} + pairs_reused "
+            f"{summary.pairs_reused} + rejected {summary.rejected}"
         )
     rejected_rows = sum(r["rejected_rows"] for r in merged) + duplicates  # rows written to _rejects/
     if rejected_rows != summary.rejected:

@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,21 +36,35 @@ from pipelines.io.lease import Lease, LeaseLost
 from pipelines.io.rows import PACKED
 from pipelines.io.units import Unit, plan_units, read_footers
 from pipelines.job.join import join_corpus, join_partitions, joined_layout
+from pipelines.job.link import NO_LINK, CascadeLink
 from pipelines.job.plan import MANIFEST_VERSION, JobPlan, OutputChanged, credentials_error, plan_and_hold, plan_rerank
 from pipelines.job.reduce import reduce
 from pipelines.job.stages import UnitSpec, chains_of, commit_units, read_units
+from pipelines.job.store import open_store
 from pipelines.job.summary import JobError, JobSummary, Totals
 
 log = logging.getLogger(__name__)
 
 
-def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None, lease: Lease | None = None) -> JobSummary:
+def run_rerank(
+    config: RerankJobConfig,
+    plan: JobPlan | None = None,
+    lease: Lease | None = None,
+    link: CascadeLink = NO_LINK,
+    before_publish: Callable[[JobSummary, JobPlan], None] | None = None,
+) -> JobSummary:
     """Run (or resume) one reranking job. Ray must already be initialised by the caller. `lease`: the output's
-    lease from `hold_output`, when the caller took it already (released here either way).
+    lease from `hold_output`, when the caller took it already (released here either way). A config with a
+    `cascade` runs each stage in turn (`pipelines.job.cascade.run_cascade`, which calls this once per stage with
+    the stage's `link` and, on the last, a `before_publish` that completes the summary before it is published).
 
     S3 keys in ``config.storage`` are refused: Ray workers get credentials from their environment or the AWS
     credential chain, never as task or actor arguments (``rerank run`` moves keys from a config file into the
     environment of the local Ray it starts)."""
+    if config.cascade is not None:
+        from pipelines.job.cascade import run_cascade
+
+        return run_cascade(config, plan, lease)  # type: ignore[arg-type]
     started = time.perf_counter()
     try:
         if config.storage.has_credentials:
@@ -60,13 +74,20 @@ def run_rerank(config: RerankJobConfig, plan: JobPlan | None = None, lease: Leas
             recorded = plan.progress.read_summary() or {}
             log.info("rerank: %s is already complete; nothing to do", config.output.uri)
             return JobSummary.from_dict(recorded | {"output_uri": config.output.uri})
-        return _run_planned(config, plan, lease, started)
+        return _run_planned(config, plan, lease, started, link, before_publish)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, started: float) -> JobSummary:
+def _run_planned(
+    config: RerankJobConfig,
+    plan: JobPlan,
+    lease: Lease | None,
+    started: float,
+    link: CascadeLink,
+    before_publish: Callable[[JobSummary, JobPlan], None] | None,
+) -> JobSummary:
     # One job per output folder, from before the first write to the last: refused if another run holds it.
     scale = resolve_pool(config.model, config.scale)
     from pipelines.model import backends
@@ -81,14 +102,21 @@ def _run_planned(config: RerankJobConfig, plan: JobPlan, lease: Lease | None, st
         if lease is None:  # another run finished it meanwhile
             return JobSummary.from_dict((plan.progress.read_summary() or {}) | {"output_uri": config.output.uri})
     try:
-        return _run_leased(config, plan, lease, started, scale, model)
+        return _run_leased(config, plan, lease, started, scale, model, link, before_publish)
     finally:
         if own:
             lease.release()
 
 
 def _run_leased(
-    config: RerankJobConfig, plan: JobPlan, lease: Lease, started: float, scale: dict[str, Any], model: dict[str, Any]
+    config: RerankJobConfig,
+    plan: JobPlan,
+    lease: Lease,
+    started: float,
+    scale: dict[str, Any],
+    model: dict[str, Any],
+    link: CascadeLink,
+    before_publish: Callable[[JobSummary, JobPlan], None] | None,
 ) -> JobSummary:
     plan.lease = lease  # from here the plan's view of the output is this run's: nothing done there once it is lost
     progress = plan.progress
@@ -168,6 +196,8 @@ def _run_leased(
         corpus=plan.corpus is not None,
         corpus_packed=plan.corpus is not None and plan.layout.layout == PACKED,
         lease_token=lease.token,
+        link=link,
+        score_store=open_store(config.output.score_store, config.storage, config.model, model["device"]),
     )
     timings: dict[str, float] = {"plan_s": time.perf_counter() - started}
     # Commit records: those of this run come back from the actors; only units done before it are read back.
@@ -202,13 +232,17 @@ def _run_leased(
     if unit_rows != config.scale.unit_rows:
         summary.scale["unit_rows_set_now"] = config.scale.unit_rows  # this run's, which did not cut the units
     summary.fingerprint = plan.fingerprint
+    if spec.score_store is not None:
+        summary.score_store = {"uri": spec.score_store.uri, "namespace": spec.score_store.namespace} | totals.store
     lease.check(verify=True)  # a run that lost the output folder to another must not touch its results
     reduce_started = time.perf_counter()
-    reduce(plan, layout, totals, summary)
+    reduce(plan, layout, totals, summary, link)
     timings["reduce_s"] = time.perf_counter() - reduce_started
     summary.timings_s = {k: round(v, 3) for k, v in timings.items()}
     summary.wall_time_s = round(time.perf_counter() - started, 3)
     summary.pairs_per_s = round(totals.scored_now / summary.wall_time_s, 2) if summary.wall_time_s else 0.0
+    if before_publish is not None:
+        before_publish(summary, plan)
     progress.finish(summary.to_dict(), lease)
     return summary
 

@@ -35,7 +35,9 @@ from pipelines.io.lease import check_held
 from pipelines.io.rows import PACKED, InputLayout
 from pipelines.io.storage import Storage
 from pipelines.io.units import Unit, UnitReader
+from pipelines.job.link import NO_LINK, CascadeLink
 from pipelines.job.reduce import parquet_bytes
+from pipelines.job.store import StoreSpec, commit_store, lookup_unit
 from pipelines.job.summary import JobError
 
 
@@ -53,6 +55,8 @@ class UnitSpec:
     corpus: bool
     corpus_packed: bool = False  # joined input made from packed candidates (rows marked _no_candidates)
     lease_token: str | None = None  # the run's lease of the output: a unit commits only while the run still holds it
+    link: CascadeLink = NO_LINK  # a cascade's stage: what it carries to its output
+    score_store: StoreSpec | None = None  # output.score_store's namespace for this model: reuse and keep scores
 
 
 def chains_of(units: list[Unit]) -> list[list[Unit]]:
@@ -84,7 +88,9 @@ def _read_unit(unit: Unit, spec: UnitSpec, reader: UnitReader) -> pa.Table:
         rejects = [empty]
     else:
         flags = ["_no_candidates"] if spec.corpus_packed else []
-        pairs = reader.read(unit, records.pair_columns(layout, with_text=True) + flags)
+        columns = records.pair_columns(layout, with_text=True)
+        carried = [src for src, _ in spec.link.carry if src not in columns]  # an earlier stage's score columns
+        pairs = reader.read(unit, columns + flags + carried)
         rows_read = pairs.num_rows
         rejects = []
     pairs_in = pairs.num_rows + sum(r.num_rows for r in rejects)
@@ -92,19 +98,28 @@ def _read_unit(unit: Unit, spec: UnitSpec, reader: UnitReader) -> pa.Table:
     valid, dup = records.split_duplicates(valid, layout)
     rejects += [bad, dup]
     keep = ["query_id", "doc_id"] + (["first_stage_rank"] if layout.has_first_stage_rank else [])
+    kept = valid.select(keep)
+    for src, dst in spec.link.carry:  # to the output, under the stage's names
+        kept = kept.append_column(dst, valid.column(src).cast(spec.link.carried_types[dst]))
     record = {
         "uid": unit.uid,
         "pairs_in": pairs_in,
         "rows": rows_read,
         "rows_decoded": reader.rows_decoded - decoded_before,  # > rows: rows decoded again to reach a slice
     }
+    reused = None
+    if spec.score_store is not None:  # pairs found in the store are neither tokenised nor scored
+        valid, kept, reused, record["store"] = lookup_unit(spec.score_store, valid, kept)
+        record["pairs_reused"] = reused.num_rows
     row: dict[str, Any] = encode_pairs(spec.model, valid.column("query").to_pylist(), valid.column("text").to_pylist())
     row |= {
         "uid": unit.uid.encode(),
         "record": json.dumps(record).encode(),
-        "keys": ipc_bytes(valid.select(keep)),
+        "keys": ipc_bytes(kept),
         "rejects": ipc_bytes(pa.concat_tables([r.cast(layout.reject_schema) for r in rejects])),
     }
+    if reused is not None:
+        row["reused"] = ipc_bytes(reused)
     return pa.table({k: pa.array([v], pa.large_binary()) for k, v in row.items()})
 
 
@@ -132,10 +147,16 @@ def _commit(row: dict[str, Any], spec: UnitSpec, progress: Progress) -> dict[str
     scored, model_errors = records.split_model_errors(scored, json.loads(row.get(ERRORS) or "[]"), layout)
     scored, non_finite = records.split_non_finite(scored, layout)
     rejected = pa.concat_tables([rejected, model_errors, non_finite.cast(layout.reject_schema)])
+    if spec.score_store is not None:  # new scores into the store before the unit commits; reused ones back in
+        scored, written = commit_store(spec.score_store, scored, from_ipc(row["reused"]))
+        looked = record.setdefault("store", {})
+        for key, value in written.items():
+            looked[key] = looked.get(key, 0) + value
+    reused = record.get("pairs_reused", 0)
     top = records.top_n_per_query(scored, spec.top_n, with_rank=False)
     by_reason = {item["values"]: item["counts"] for item in pc.value_counts(rejected.column("reason")).to_pylist()}
     record |= {
-        "pairs_scored": scored.num_rows,
+        "pairs_scored": scored.num_rows - reused,  # by the model; reused ones came from the store
         "windows_scored": int(row[WINDOWS]),
         "rejected": dict(sorted(by_reason.items())),
         "partial_rows": top.num_rows,

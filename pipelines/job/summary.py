@@ -4,10 +4,13 @@ commit records as they arrive."""
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.errors import RerankError
+
+log = logging.getLogger(__name__)
 
 
 class JobError(RerankError):
@@ -25,6 +28,9 @@ class JobSummary:
     queries: int = 0
     pairs_in: int = 0
     pairs_scored: int = 0
+    #: Pairs whose score came from output.score_store (not scored by the model): pairs_in == pairs_scored +
+    #: pairs_reused + rejected.
+    pairs_reused: int = 0
     windows_scored: int = 0
     rows_written: int = 0
     rejected: int = 0
@@ -48,6 +54,12 @@ class JobSummary:
     #: The files the job published (result files and _rejects/), by path in the output, with their bytes: a resume
     #: of this finished job checks they are all still there.
     result_files: dict[str, int] = field(default_factory=dict)
+    #: output.score_store: its uri and namespace, and what the units looked up, found, read and wrote there
+    #: (summed over the units of the job, those before a resume included).
+    score_store: dict[str, Any] = field(default_factory=dict)
+    #: A cascade's stages, in order: name, model, keep, pairs_in, pairs_scored, rejected, rows_kept, wall_time_s,
+    #: scoring_s, pairs_per_s, units, units_resumed (`pipelines.job.cascade`); empty for one model.
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     def one_line(self) -> str:
         rej = (
@@ -56,9 +68,17 @@ class JobSummary:
             else ""
         )
         resumed = f", {self.units_resumed:,} of {self.units:,} units done before this run" if self.units_resumed else ""
+        stages = (
+            " (stages: "
+            + ", ".join(f"{s['name']} {s['pairs_scored']:,} pairs in {s['wall_time_s']:.1f} s" for s in self.stages)
+            + ")"
+            if self.stages
+            else ""
+        )
+        reused = f", {self.pairs_reused:,} reused from the score store" if self.score_store else ""
         return (
-            f"rerank: {self.queries:,} queries, {self.pairs_scored:,} pairs scored, {self.rows_written:,} rows written"
-            f"{rej}{resumed} in {self.wall_time_s:.1f} s ({self.pairs_per_s:.1f} pairs/s) -> {self.output_uri}"
+            f"rerank: {self.queries:,} queries, {self.pairs_scored:,} pairs scored{stages}{reused}, {self.rows_written:,} rows "
+            f"written{rej}{resumed} in {self.wall_time_s:.1f} s ({self.pairs_per_s:.1f} pairs/s) -> {self.output_uri}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +97,9 @@ class Totals:
 
     pairs_in: int = 0
     pairs_scored: int = 0
+    pairs_reused: int = 0  # from the score store
+    store: collections.Counter = field(default_factory=collections.Counter)  # the units' score store counts
+    store_bad: dict[str, str] = field(default_factory=dict)  # store files a unit found unusable, and why
     windows_scored: int = 0
     rejected: collections.Counter = field(default_factory=collections.Counter)
     rejected_rows: int = 0
@@ -104,6 +127,15 @@ class Totals:
         self.units_retried += int(now and bool(record.get("retried")))
         self.pairs_in += record["pairs_in"]
         self.pairs_scored += record["pairs_scored"]
+        self.pairs_reused += record.get("pairs_reused", 0)
+        for key, value in record.get("store", {}).items():
+            if key == "bad":
+                for uri, why in value.items():
+                    if uri not in self.store_bad:
+                        self.store_bad[uri] = why
+                        log.warning("rerank: score store file not used: %s: %s", uri, why)
+            else:
+                self.store[key] += value
         self.windows_scored += record.get("windows_scored", 0)
         self.rejected.update(record["rejected"])
         self.rejected_rows += record["rejected_rows"]
