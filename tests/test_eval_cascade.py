@@ -233,3 +233,28 @@ def test_cascade_entries_validated():
     rising = {"rerankers": [{"name": "c", "cascade": [{"model": m, "keep": 5}, {"model": m, "keep": 9}, {"model": m}]}]}
     with pytest.raises(ConfigError, match="no larger than the one before"):
         validate_config(EvalConfig, rising)
+
+
+def test_submit_checks_every_model_of_a_cascade(tmp_path):
+    """rerank submit checks an eval's model paths on this machine first: a cascade's own stage models included."""
+    from pipelines.cli import submit
+
+    local = tmp_path / "m"
+    local.mkdir()
+    conf = tmp_path / "eval.yaml"
+    entries = [
+        {"name": "a", "model": {"name_or_path": str(local)}},
+        {"name": "c", "cascade": [{"reranker": "a", "keep": 5}, {"model": {"name_or_path": "relative/model"}}]},
+    ]
+    conf.write_text(yaml.safe_dump({"rerankers": entries, "report": {"dir": str(tmp_path / "report")}}))
+    assert submit.check_config("eval", conf, [], resume=False, plan=False).rerankers[1].cascade[1].name == "stage2"
+    (tmp_path / "relative" / "model").mkdir(parents=True)
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=r"rerankers\[1\]\.cascade\[1\]\.model\.name_or_path=relative/model"):
+            submit.check_config("eval", conf, [], resume=False, plan=False)
+    finally:
+        os.chdir(cwd)

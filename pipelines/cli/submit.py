@@ -92,18 +92,21 @@ def check_config(kind: str, config_path: str | Path, overrides: list[str], *, re
     if kind == "eval":
         if resume:
             raise ConfigError("--resume is for the batch job; an evaluation always runs whole")
+        from pipelines.evaluation.cascade import cascade_stages
+
         config = load_config(EvalConfig, config_path, overrides)
-        _check_paths(
-            _eval_paths(config),
-            _model_paths(
-                {
-                    "model.name_or_path": config.model.name_or_path,
-                    "cost.tokenizer": config.cost.tokenizer,
-                    "first_stage.model.name_or_path": config.first_stage.model
-                    and config.first_stage.model.name_or_path,
-                }
-            ),
-        )
+        models = {"model.name_or_path": config.model and config.model.name_or_path}
+        for i, spec in enumerate(config.rerankers or []):  # every entry's model, and a cascade's own stage models
+            if spec.model is not None:
+                models[f"rerankers[{i}].model.name_or_path"] = spec.model.name_or_path
+            for j, stage in enumerate(cascade_stages(spec, config.rerankers) if spec.cascade else []):
+                if stage.reranker is None:
+                    models[f"rerankers[{i}].cascade[{j}].model.name_or_path"] = stage.model.name_or_path
+        models |= {
+            "cost.tokenizer": config.cost.tokenizer,
+            "first_stage.model.name_or_path": config.first_stage.model and config.first_stage.model.name_or_path,
+        }
+        _check_paths(_eval_paths(config), _model_paths(models))
         return config
     if resume:
         if not can_resume():
@@ -117,12 +120,17 @@ def check_config(kind: str, config_path: str | Path, overrides: list[str], *, re
     uris = config.input.uri if isinstance(config.input.uri, list) else [config.input.uri]
     data = {f"input.uri[{i}]" if len(uris) > 1 else "input.uri": u for i, u in enumerate(uris)}
     data |= {"input.corpus_uri": config.input.corpus_uri, "output.uri": config.output.uri}
-    _check_paths(data, _model_paths({"model.name_or_path": config.model.name_or_path}))
+    if config.cascade is None:
+        models = {"model.name_or_path": config.model.name_or_path}  # type: ignore[union-attr]
+    else:
+        models = {f"cascade[{i}].model.name_or_path": s.model.name_or_path for i, s in enumerate(config.cascade)}  # type: ignore[union-attr]
+    _check_paths(data, _model_paths(models))
     if plan:
         from pipelines.job import plan_rerank
+        from pipelines.job.cascade import plan_cascade
 
-        try:
-            plan_rerank(config, on_cluster=True)  # the cluster's workers, not this machine, run the model
+        try:  # the cluster's workers, not this machine, run the model
+            (plan_rerank if config.cascade is None else plan_cascade)(config, on_cluster=True)
         except RerankError as err:
             raise type(err)(f"{err} (checked from this machine; --no-check submits without this check)") from None
     return config
