@@ -310,6 +310,12 @@ class OutputConfig(_Strict):
         "interrupted run of the same job (only unfinished input units are redone); a finished one is left as is.",
     )
     rows_per_file: int = Field(1_000_000, ge=1, description="Upper bound on rows per output Parquet file.")
+    score_store: str | None = Field(
+        None,
+        description="Folder (local or s3://) of a score store: scores kept by the content of query and passage "
+        "under a namespace of the model and its scoring settings; pairs found there are not scored again, new "
+        "scores are added (see docs/score-store.md).",
+    )
     lease_timeout_s: float = Field(
         60.0,
         ge=1,
