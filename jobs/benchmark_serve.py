@@ -11,6 +11,15 @@ that other processes put on the machine meanwhile shows as a gap between the two
 Beside wall-clock pairs/s it prints CPU seconds per pair (the service's process tree with the clients' process,
 against the offline Scorer's process), which other processes' load on the cores changes much less, and the share
 of the machine's busy CPU time that was not the benchmark's own. Figures, not asserts.
+
+    python jobs/benchmark_serve.py --entry            # the same, the model served as a one-entry rerankers: list
+    python jobs/benchmark_serve.py --cascade --clients 48 --docs 20 --keep 5
+
+`--entry` serves the model through `rerankers:` (an ingress deployment calling the model's deployment through a
+handle) instead of `model:` (one deployment), to price the extra hop. `--cascade` serves two copies of the model as
+entries `first` and `second` (one CPU each) and a cascade `first-then-second` (keep `--keep`), and in the same
+service run measures requests/s of the cascade against the same two calls made by each client (call `first`, keep
+its top `--keep`, call `second` on those), alternating the two passes; no offline pass.
 """
 
 from __future__ import annotations
@@ -109,7 +118,13 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra serve config overrides")
+    ap.add_argument("--entry", action="store_true", help="serve the model as a one-entry rerankers: list")
+    ap.add_argument("--cascade", action="store_true", help="a cascade against the same two calls by the client")
+    ap.add_argument("--keep", type=int, default=5, help="--cascade: the first stage's keep")
+    ap.add_argument("--rounds", type=int, default=2, help="--cascade: passes of each kind, alternated")
     args = ap.parse_args()
+    if args.cascade:
+        return cascade_main(args)
 
     import cohere
     import numpy as np
@@ -157,11 +172,18 @@ def main() -> None:
     print(f"offline before the service: {offline[0][0]:.1f} pairs/s")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable, "-m", "pipelines.cli", "serve", str(ROOT / "conf/serve.yaml"),
-        "--set", f"model.name_or_path={model}", "--set", f"model.max_length={args.max_length}",
-        "--set", f"serve.port={port}", *[x for o in args.overrides for x in ("--set", o)],
-    ]  # fmt: skip
+    if args.entry:
+        conf = entries_config(work, {"m": {"name_or_path": model, "max_length": args.max_length, **extra}}, 2)
+        sets = [
+            "--set",
+            f"serve.port={port}",
+            *[x for o in args.overrides if not o.startswith("model.") for x in ("--set", o)],
+        ]
+    else:
+        conf = ROOT / "conf/serve.yaml"
+        sets = ["--set", f"model.name_or_path={model}", "--set", f"model.max_length={args.max_length}",
+                "--set", f"serve.port={port}", *[x for o in args.overrides for x in ("--set", o)]]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(conf), *sets]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RERANK_API_KEY", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -196,7 +218,8 @@ def main() -> None:
     offline.append(offline_pass())
     pct = lambda p: latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
     print(
-        f"\n{args.clients} clients x {args.requests} requests x {args.docs} documents, model {model}, "
+        f"\n{args.clients} clients x {args.requests} requests x {args.docs} documents, model {model}"
+        f"{' (one-entry rerankers:)' if args.entry else ''}, "
         f"max_length {args.max_length}, {os.cpu_count()} cores, backend {scorer.config.backend} {scorer.config.dtype}"
     )
     print(
@@ -217,6 +240,117 @@ def main() -> None:
             f"{per_pair / service_cpu:.2f}; other processes used {max(0.0, busy - served - own) / busy:.0%} of the "
             f"machine's busy CPU time during the service pass ({busy / wall / (os.cpu_count() or 1):.0%} busy)"
         )
+    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def entries_config(work: Path, models: dict, cpus: float, cascade: dict | None = None) -> Path:
+    """A rerankers: config (conf/serve.yaml's serve section, `cpus` per model replica) in work/."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "conf/serve.yaml").read_text())
+    entries = [{"name": name, "model": {**base["model"], **m}} for name, m in models.items()]
+    if cascade:
+        entries.append(cascade)
+    tree = {"rerankers": entries, "serve": {**base["serve"], "num_cpus_per_replica": cpus}}
+    path = work / "serve_models.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def cascade_main(args: argparse.Namespace) -> None:
+    """A cascade's requests/s against the same two calls made by the client, in one service run."""
+    import cohere
+    import numpy as np
+
+    from jobs.benchmark import minilm_cross_encoder
+    from pipelines.io.collections import load_cranfield
+    from pipelines.model import backends
+
+    flags = " ".join(sorted(backends.cpu_flags() & set(backends.AUTO_FLAGS))) or "none"
+    print(f"CPU {backends.cpu_name()}, {os.cpu_count()} cores, flags {flags}")
+    print(f"load average at start (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    work = Path(tempfile.mkdtemp(prefix="rerank-serve-bench-"))
+    model = args.model or minilm_cross_encoder(work / "model")
+    c = load_cranfield()
+    docs = [t for t in c.corpus.values() if t.strip()]
+    queries = list(c.queries.values())
+    rng = np.random.default_rng(0)
+    jobs = [
+        (queries[int(rng.integers(len(queries)))], [docs[int(i)] for i in rng.integers(len(docs), size=args.docs)])
+        for _ in range(args.clients * args.requests)
+    ]
+    m = {"name_or_path": model, "max_length": args.max_length}
+    cascade = {
+        "name": "first-then-second",
+        "cascade": [{"reranker": "first", "keep": args.keep}, {"reranker": "second"}],
+    }
+    conf = entries_config(work, {"first": m, "second": m}, 1, cascade)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(conf), "--set", f"serve.port={port}",
+           *[x for o in args.overrides for x in ("--set", o)]]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RERANK_API_KEY", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = cohere.ClientV2(api_key="unused", base_url=url, timeout=600)
+
+    def cascade_call(job):
+        q, d = job
+        t = time.perf_counter()
+        res = client.rerank(model="first-then-second", query=q, documents=d)
+        return time.perf_counter() - t, [r.index for r in res.results]
+
+    def two_calls(job):
+        q, d = job
+        t = time.perf_counter()
+        one = client.rerank(model="first", query=q, documents=d)
+        kept = [r.index for r in one.results[: args.keep]]
+        two = client.rerank(model="second", query=q, documents=[d[i] for i in kept])
+        return time.perf_counter() - t, [kept[r.index] for r in two.results]
+
+    def run(fn) -> tuple[float, list]:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            out = list(pool.map(fn, jobs))
+        return len(jobs) / (time.perf_counter() - start), out
+
+    rates: dict[str, list[float]] = {"cascade": [], "client": []}
+    latencies: dict[str, list[float]] = {"cascade": [], "client": []}
+    try:
+        wait_healthy(url, proc)
+        cascade_call(jobs[0])
+        two_calls(jobs[0])
+        for _ in range(args.rounds):
+            for kind, fn in (("cascade", cascade_call), ("client", two_calls)):
+                rate, out = run(fn)
+                rates[kind].append(rate)
+                latencies[kind] += [t for t, _ in out]
+                orders = [o for _, o in out]
+                if kind == "cascade":
+                    cascade_orders = orders
+                else:
+                    same = sum(a == b for a, b in zip(cascade_orders, orders))
+                print(f"{kind}: {rate:.2f} req/s", flush=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    pct = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p / 100 * len(xs)))]
+    print(
+        f"\n{args.clients} clients x {args.requests} requests x {args.docs} documents, cascade keep {args.keep}, "
+        f"two deployments of {model} (1 CPU each), max_length {args.max_length}, {os.cpu_count()} cores"
+    )
+    for kind, label in (("cascade", "cascade (one request)"), ("client", "the same two calls by the client")):
+        r, lat = rates[kind], latencies[kind]
+        print(
+            f"{label}: {statistics.mean(r):.2f} req/s ({', '.join(f'{x:.2f}' for x in r)}), "
+            f"{statistics.mean(r) * (args.docs + args.keep):.1f} pairs/s; latency p50 {pct(lat, 50):.2f} s, "
+            f"p99 {pct(lat, 99):.2f} s"
+        )
+    print(f"cascade / two client calls = {statistics.mean(rates['cascade']) / statistics.mean(rates['client']):.2f} "
+          f"(target >= 0.85); same final order in {same} of {len(jobs)} requests of the last round")  # fmt: skip
     print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

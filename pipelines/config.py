@@ -466,6 +466,73 @@ class RayConfig(_Strict):
 
 # ---------------------------------------------------------------------------- cascades (job, service, eval)
 
+
+class ServeAutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the service's replicas (each replica holds one copy of the model)."""
+
+    min_replicas: int = Field(
+        1, ge=0, description="Replicas kept up when idle; 0 scales to zero (first request waits for a model load)."
+    )
+    max_replicas: int = Field(
+        2, ge=1, description="Upper bound; each replica needs num_cpus/num_gpus_per_replica free in the cluster."
+    )
+    target_ongoing_requests: float = Field(
+        16.0,
+        gt=0,
+        description="Ongoing requests per replica the autoscaler aims for. Lower: more replicas, lower latency; "
+        "higher: fuller batches, fewer replicas. Keep it below serve.max_ongoing_requests.",
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Load must stay low this long before a replica is removed."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> ServeAutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("serve.autoscaling.max_replicas must be >= serve.autoscaling.min_replicas")
+        return self
+
+
+class ServeDeploymentConfig(_Strict):
+    """rerank serve: the Ray Serve deployment of one model of `rerankers:` (an entry's `serve:`, or a cascade stage's
+    that gives its own model). Every key left unset takes the top-level `serve:` value."""
+
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replicas of this model (replaces a top-level autoscaling)."
+    )
+    autoscaling: ServeAutoscalingConfig | None = Field(
+        None, description="Autoscale this model's replicas (replaces a top-level num_replicas)."
+    )
+    num_cpus_per_replica: float | None = Field(None, gt=0, description="CPUs per replica of this model.")
+    num_gpus_per_replica: float | Literal["auto"] | None = Field(
+        None, description="GPUs per replica of this model (fractions share a GPU); auto as serve.num_gpus_per_replica."
+    )
+    replica_resources: dict[str, PositiveFloat] | None = Field(
+        None, description="Custom Ray resources per replica of this model."
+    )
+    max_batch_pairs: int | None = Field(None, ge=1, description="Pairs per model call of this model.")
+    batch_wait_timeout_s: float | None = Field(
+        None, ge=0, description="How long a call of this model short of max_batch_pairs waits for more requests."
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a replica of this model works on at once."
+    )
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Requests waiting for a replica of this model; past it: 503 + Retry-After."
+    )
+    max_queued_pairs: int | None = Field(
+        None, ge=1, description="Pairs admitted into a replica of this model and not yet scored; past it: 503."
+    )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Longest wait for this model's scores in one request (408 past it)."
+    )
+    health_check_period_s: float | None = Field(None, gt=0, description="Health check period of this model's replicas.")
+    health_check_timeout_s: float | None = Field(
+        None, gt=0, description="Health check timeout of this model's replicas."
+    )
+
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
@@ -496,6 +563,11 @@ class CascadeStage(_Strict):
     )
     scale: ScaleConfig | None = Field(
         None, description="rerank run: this stage's actor pool and resources (default: the job's scale section)."
+    )
+    serve: ServeDeploymentConfig | None = Field(
+        None,
+        description="rerank serve: the deployment of a stage that gives its own model (default: the top-level "
+        "serve section); a stage naming a reranker runs on that entry's deployment.",
     )
 
     @model_validator(mode="after")
@@ -551,6 +623,11 @@ class RerankerSpec(_Strict):
         description="A named cascade instead of a model: stages [{reranker: <name>, keep: M}, ...] over other "
         "entries (or stages with their own model).",
     )
+    serve: ServeDeploymentConfig | None = Field(
+        None,
+        description="rerank serve: this model's own deployment (replicas, CPUs, GPUs, batching, queues); unset keys "
+        "take the top-level serve section. Ignored by rerank eval, so one file serves both.",
+    )
 
     @model_validator(mode="after")
     def _model_or_cascade(self) -> RerankerSpec:
@@ -603,6 +680,11 @@ class RerankJobConfig(_Strict):
         if self.cascade is not None:
             named = check_cascade(self.cascade)
             for stage in named:
+                if stage.serve is not None:
+                    raise ValueError(
+                        f"cascade: stage {stage.name} has serve:, which is for rerank serve; give rerank run's "
+                        "stage its actor pool as scale:"
+                    )
                 if stage.reranker is not None:
                     raise ValueError(
                         f"cascade: stage {stage.name} names reranker {stage.reranker!r}, but rerank run has no "
@@ -695,33 +777,6 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
 # ---------------------------------------------------------------------------------------------- online service
 
 
-class ServeAutoscalingConfig(_Strict):
-    """Ray Serve autoscaling of the service's replicas (each replica holds one copy of the model)."""
-
-    min_replicas: int = Field(
-        1, ge=0, description="Replicas kept up when idle; 0 scales to zero (first request waits for a model load)."
-    )
-    max_replicas: int = Field(
-        2, ge=1, description="Upper bound; each replica needs num_cpus/num_gpus_per_replica free in the cluster."
-    )
-    target_ongoing_requests: float = Field(
-        16.0,
-        gt=0,
-        description="Ongoing requests per replica the autoscaler aims for. Lower: more replicas, lower latency; "
-        "higher: fuller batches, fewer replicas. Keep it below serve.max_ongoing_requests.",
-    )
-    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before a replica is added.")
-    downscale_delay_s: float = Field(
-        300.0, ge=0, description="Load must stay low this long before a replica is removed."
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> ServeAutoscalingConfig:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("serve.autoscaling.max_replicas must be >= serve.autoscaling.min_replicas")
-        return self
-
-
 class ServeConfig(_Strict):
     """`rerank serve`: the online reranking service on Ray Serve."""
 
@@ -750,6 +805,17 @@ class ServeConfig(_Strict):
     )
     allow_unauthenticated: bool = Field(
         False, description="Allow a non-loopback host without an API key (e.g. behind an authenticating gateway)."
+    )
+    default_model: str | None = Field(
+        None,
+        description="With rerankers: the entry a request without a model field goes to (TEI requests have none). "
+        "Unset: such a request is refused (400, naming the entries) when there are several.",
+    )
+    ingress_num_replicas: int = Field(
+        1, ge=1, description="With rerankers: replicas of the ingress deployment that routes requests to the models."
+    )
+    ingress_num_cpus_per_replica: float = Field(
+        0.25, ge=0, description="With rerankers: CPUs reserved per ingress replica (it parses, checks and routes)."
     )
     num_replicas: int = Field(1, ge=1, description="Fixed number of replicas; leave unset when autoscaling is set.")
     autoscaling: ServeAutoscalingConfig | None = Field(
@@ -861,9 +927,61 @@ class ServeAppConfig(_Strict):
     def _model_or_rerankers(self) -> ServeAppConfig:
         if (self.model is None) == (self.rerankers is None):
             raise ValueError("give the reranker as model, or several as rerankers: [{name, model}, ...], not both")
-        if self.rerankers is not None:
-            check_rerankers(self.rerankers)
+        if self.rerankers is None:
+            if self.serve.default_model is not None:
+                raise ValueError("serve.default_model names an entry of rerankers:, and there is none (model: is set)")
+            return self
+        check_rerankers(self.rerankers)
+        if self.serve.model_name is not None:
+            raise ValueError(
+                "serve.model_name names the one model of model:; with rerankers each entry's name is its id"
+            )
+        names = [r.name for r in self.rerankers]
+        if self.serve.default_model is not None and self.serve.default_model not in names:
+            raise ValueError(
+                f"serve.default_model {self.serve.default_model!r} is not in rerankers; name one of {names}"
+            )
+        for spec in self.rerankers:
+            for stage in spec.cascade or []:
+                if stage.reranker is not None and stage.serve is not None:
+                    raise ValueError(
+                        f"rerankers: {spec.name}: stage {stage.name} runs on {stage.reranker}'s deployment: set its "
+                        f"serve: on the entry {stage.reranker}, not on the stage"
+                    )
+        self.served_models()  # every deployment's settings valid, names distinct
         return self
+
+    def served_models(self) -> dict[str, tuple[ModelConfig, ServeConfig]]:
+        """With rerankers: each model deployment's id (an entry's name, or <cascade>.<stage> for a stage with its
+        own model) -> its model and its serve settings (the top-level serve section under its own serve:)."""
+        out: dict[str, tuple[ModelConfig, ServeConfig]] = {}
+        for spec in self.rerankers or []:
+            own = [(spec.name, spec.model, spec.serve)] if spec.model is not None else []
+            own += [(f"{spec.name}.{st.name}", st.model, st.serve) for st in spec.cascade or [] if st.model is not None]
+            for name, model, settings in own:
+                if name in out:
+                    raise ValueError(
+                        f"rerankers: {name!r} names both an entry and a cascade stage with its own model; rename one"
+                    )
+                out[name] = (model, deployment_serve(self.serve, settings, name))
+        return out
+
+
+def deployment_serve(top: ServeConfig, own: ServeDeploymentConfig | None, name: str) -> ServeConfig:
+    """The serve settings of one model deployment of `rerankers:`: the top-level section, the entry's own keys over
+    it (its num_replicas or autoscaling replacing the other), model_name set to its id."""
+    data = top.model_dump(exclude_unset=True)
+    data.pop("model_name", None)
+    data.pop("default_model", None)
+    extra = own.model_dump(exclude_unset=True) if own is not None else {}
+    if "num_replicas" in extra or "autoscaling" in extra:
+        data.pop("num_replicas", None)
+        data.pop("autoscaling", None)
+    data.update({k: v for k, v in extra.items() if v is not None})
+    try:
+        return ServeConfig.model_validate({**data, "model_name": name})
+    except ValidationError as err:
+        raise ValueError(f"rerankers: {name}: serve: {format_validation_error(err)}") from None
 
 
 # ---------------------------------------------------------------------------- evaluation (`rerank eval`)

@@ -141,10 +141,11 @@ def start_service(config: ServeAppConfig):
     from ray import serve
 
     from pipelines.model.backends import actor_device, check_model_on
-    from pipelines.serve.app import replica_gpus
+    from pipelines.serve.app import model_configs, replica_gpus
 
     # On the replicas' device, known now that Ray runs: a head without GPUs may deploy float16 replicas on GPUs.
-    check_model_on(config.model, actor_device(config.model, replica_gpus(config)))
+    for sub in model_configs(config).values():
+        check_model_on(sub.model, actor_device(sub.model, replica_gpus(sub)))
     s = config.serve
     try:
         serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
@@ -336,7 +337,10 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(ServeAppConfig, args.config, args.overrides)
     check_exposure(config)
-    check_model_config(config.model, joins_cluster())  # an unsupported backend/dtype is refused before Ray starts
+    from pipelines.serve.app import model_configs
+
+    for sub in model_configs(config).values():  # an unsupported backend/dtype is refused before Ray starts
+        check_model_config(sub.model, joins_cluster())
     prepare_local_environment(config)
     # Stop what we started: a local Ray (and all of Serve in it), or only our app on a shared cluster.
     owns_ray = False

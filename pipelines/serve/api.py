@@ -79,7 +79,9 @@ DocumentText = Annotated[str, BeforeValidator(_document_text)]
 class CohereRerankRequest(_Request):
     """Cohere v1/v2 and Jina rerank request."""
 
-    model: str | None = Field(None, description="Accepted whatever it says; the service has one model.")
+    model: str | None = Field(
+        None, description="The reranker (rerankers: its name); with one model: accepted whatever it says."
+    )
     query: str
     documents: list[DocumentText] = Field(..., description="Strings, or objects with a 'text' field.")
     # StrictInt: a JSON integer only. Pydantic's default would take true as 1, "3" as 3 and 3.0 as 3.
@@ -93,6 +95,11 @@ class CohereRerankRequest(_Request):
 class TEIRerankRequest(_Request):
     """Hugging Face text-embeddings-inference ``/rerank`` request."""
 
+    model: str | None = Field(
+        None,
+        description="Not in TEI's API: the reranker to use where several are served (rerankers:); default "
+        "serve.default_model, or the only one. Ignored with one model:.",
+    )
     query: str
     texts: list[str]
     raw_scores: bool = Field(False, description="Raw logits instead of the sigmoid.")
@@ -110,7 +117,9 @@ class NIMText(_Request):
 class NIMRankingRequest(_Request):
     """NVIDIA NeMo Retriever reranking NIM ``/v1/ranking`` request."""
 
-    model: str | None = Field(None, description="Accepted whatever it says; the service has one model.")
+    model: str | None = Field(
+        None, description="The reranker (rerankers: its name); with one model: accepted whatever it says."
+    )
     query: NIMText
     passages: list[NIMText]
     truncate: Literal["NONE", "END"] = Field("NONE", description="END: cut long passages; NONE: refuse them with 413.")
@@ -261,9 +270,10 @@ def cosine_to_unit(raw: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(raw, dtype=np.float64) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def non_finite_problem(model: str, raw: np.ndarray, unit: np.ndarray) -> str | None:
+def non_finite_problem(model: str, raw: np.ndarray, unit: np.ndarray, indices: list[int] | None = None) -> str | None:
     """None when every pair's raw and [0, 1] score is finite; else the one-line message of the 500 the request gets
-    (``error_type: score_not_finite``): the model, how many pairs and which kinds, the first pair's index."""
+    (``error_type: score_not_finite``): the model, how many pairs and which kinds, the first pair's index (in the
+    request: ``indices`` maps a cascade stage's subset back to it)."""
     raw = np.asarray(raw, dtype=np.float64)
     unit = np.asarray(unit, dtype=np.float64)
     bad = ~(np.isfinite(raw) & np.isfinite(unit))
@@ -271,9 +281,10 @@ def non_finite_problem(model: str, raw: np.ndarray, unit: np.ndarray) -> str | N
         return None
     nan = int((np.isnan(raw) | np.isnan(unit))[bad].sum())
     kinds = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (int(bad.sum()) - nan, "infinite")) if n)
+    first = int(np.flatnonzero(bad)[0])
     return (
         f"model {model} returned a non-finite score for {int(bad.sum())} of {len(raw)} pairs of this request "
-        f"({kinds}; first at document index {int(np.flatnonzero(bad)[0])}); no scores are returned rather than null "
+        f"({kinds}; first at document index {first if indices is None else int(indices[first])}); no scores are returned rather than null "
         "ones (the batch job rejects such pairs as score_not_finite)"
     )
 

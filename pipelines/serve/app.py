@@ -18,6 +18,12 @@ NaN or infinite gets a 500 ``score_not_finite`` naming the model and how many pa
 Overload is refused, never queued without bound: the proxy answers 503 + Retry-After past
 ``serve.max_queued_requests`` waiting requests, and a replica answers the same past ``serve.max_queued_pairs``
 admitted but unscored pairs.
+
+Several rerankers (``rerankers:``) are one application of several deployments (``build_app_from_config``): each
+model its own ``ModelDeployment`` (the same replica core, ``_ModelReplica``: batching, overload, health check,
+metrics; its own replicas and resources), and one ingress, ``RerankRouter``, holding the HTTP routes and the
+models' deployment handles. The request's ``model`` field picks an entry; a cascade is one handle call per stage,
+each stage over the top ``keep`` of the one before, the indices mapped back to the request's documents.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the route signatures' real types on the class
@@ -47,6 +53,7 @@ from pipelines.serve.api import (
     CohereRerankRequest,
     NIMRankingRequest,
     TEIRerankRequest,
+    best_first,
     check_texts,
     cohere_response,
     cosine_to_unit,
@@ -71,25 +78,16 @@ _APIS = {
 _LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
-app = FastAPI(
-    title="rerank",
-    description="Reranking with Cohere/Jina (/v1/rerank, /v2/rerank), Hugging Face TEI (/rerank) and "
-    "NVIDIA NIM (/v1/ranking) request shapes.",
-)
 
-
-@app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-@app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = validation_error(list(exc.errors()))
     return JSONResponse(err.body(), status_code=err.status)
 
 
-@app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own errors (a body it cannot parse: invalid UTF-8, JSON nested too deeply; unknown path or
     method) in the documented body instead of ``{"detail": ...}``."""
@@ -106,7 +104,6 @@ def _internal_error(request: Request, err: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
-@app.middleware("http")
 async def _auth_and_metrics(request: Request, call_next):
     start = time.perf_counter()
     state = request.app.state
@@ -144,6 +141,25 @@ def _authorized(header: str | None, key: str) -> bool:
         return False
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _make_app() -> FastAPI:
+    """A FastAPI app with the service's error bodies, API key check and request metrics: one for the one-model
+    deployment (``RerankService``), one for the ingress of several (``RerankRouter``)."""
+    out = FastAPI(
+        title="rerank",
+        description="Reranking with Cohere/Jina (/v1/rerank, /v2/rerank), Hugging Face TEI (/rerank) and "
+        "NVIDIA NIM (/v1/ranking) request shapes.",
+    )
+    out.add_exception_handler(ApiError, _api_error)
+    out.add_exception_handler(RequestValidationError, _validation_error)
+    out.add_exception_handler(StarletteHTTPException, _http_error)
+    out.middleware("http")(_auth_and_metrics)
+    return out
+
+
+app = _make_app()  # RerankService's (model:)
+router_app = _make_app()  # RerankRouter's (rerankers:)
 
 
 @dataclass
@@ -258,10 +274,9 @@ _PROBE_QUERY = "health check"
 _PROBE_TEXT = "a short passage to check that the model still scores"
 
 
-@serve.deployment(name="Reranker")
-@serve.ingress(app)
-class RerankService:
-    """One replica: the model, its batch queue and the HTTP routes."""
+class _ModelReplica:
+    """One replica's model, its batch queue, its health check and counters: the part every model deployment
+    shares (``RerankService`` adds the HTTP routes, ``ModelDeployment`` the handle calls of ``RerankRouter``)."""
 
     def __init__(self, config: dict[str, Any]):
         import torch
@@ -295,14 +310,11 @@ class RerankService:
         self._waiting_pairs = 0
         self._batcher: asyncio.Task | None = None
         self._call_full: asyncio.Future | None = None  # set once a call's worth of pairs waits
-        # The key is read from this replica's environment by the auth middleware: it never travels through Ray
-        # (constructor arguments, runtime_env, the Serve config and the pickled app are all stored by Ray).
-        app.state.api_key_env = s.api_key_env  # the variable's name only
         self._busy_since: float | None = None  # start of the model call in progress
         self._last_ok = time.monotonic()  # end of the last model call that succeeded
         self._model_failed = False  # a model call raised since the last good health check
         self._unhealthy: str | None = None  # why the last health check failed
-        app.state.metrics = _Metrics.create()
+        self._metrics = _Metrics.create()
         log.info(
             "rerank replica ready: model %s (%s, %s, %s %s, %d threads), model calls of up to %d pairs, forward "
             "passes of up to %d padded tokens",
@@ -315,71 +327,6 @@ class RerankService:
             self._call_limits[0],
             self.scorer.max_batch_tokens,
         )
-
-    # ------------------------------------------------------------------ routes
-
-    @app.get("/health")
-    async def health(self) -> Any:
-        """200 once the model is loaded (Serve routes nothing to a replica before its constructor finished), 503
-        while this replica's last health check failed. With no replica at all, the proxy answers 503
-        (``pipelines.serve.proxy``)."""
-        if self._unhealthy:
-            body = {"status": "unhealthy", "model": self.model_name, "message": self._unhealthy}
-            return JSONResponse(body, status_code=503, headers=_retry_after(self.config.serve.retry_after_s))
-        info = self.scorer.info  # the backend and precision in use; backend_choice: what auto chose and why
-        return {
-            "status": "ok",
-            "model": self.model_name,
-            "backend": info.backend,
-            "dtype": info.dtype,
-            "backend_choice": info.backend_choice,
-        }
-
-    @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        info = self.scorer.info
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "rerank",
-                    "kind": info.kind,
-                    "revision": info.revision,
-                    "max_length": self.scorer.max_length,
-                    "max_documents": self.config.serve.max_documents,
-                }
-            ],
-        }
-
-    @app.post("/v1/rerank")
-    async def cohere_v1(self, body: CohereRerankRequest) -> dict[str, Any]:
-        return await self._cohere(body, api_version="1")
-
-    @app.post("/v2/rerank")
-    async def cohere_v2(self, body: CohereRerankRequest) -> dict[str, Any]:
-        return await self._cohere(body, api_version="2")
-
-    @app.post("/rerank")
-    async def tei(self, body: TEIRerankRequest) -> list[dict[str, Any]]:
-        self._check(body.query, body.texts, query_field="query", texts_field="texts")
-        if not body.truncate:
-            await self._check_lengths(body.query, body.texts, "query", "texts", "", "send truncate: true to cut it")
-        raw, unit = await self._score(body.query, body.texts)
-        return tei_response(raw, unit, body.texts, raw_scores=body.raw_scores, return_text=body.return_text)
-
-    @app.post("/v1/ranking")
-    async def nim(self, body: NIMRankingRequest) -> dict[str, Any]:
-        texts = [p.text for p in body.passages]
-        self._check(body.query.text, texts, query_field="query.text", texts_field="passages", item_suffix=".text")
-        if body.truncate == "NONE":
-            await self._check_lengths(
-                body.query.text, texts, "query.text", "passages", ".text", 'send truncate: "END" to cut it'
-            )
-        raw, _ = await self._score(body.query.text, texts)
-        return nim_response(raw)
 
     # ------------------------------------------------------------------ handle-only
 
@@ -421,26 +368,22 @@ class RerankService:
 
     # ------------------------------------------------------------------ internals
 
-    async def _cohere(self, body: CohereRerankRequest, api_version: str) -> dict[str, Any]:
-        self._check(body.query, body.documents, query_field="query", texts_field="documents")
-        raw, unit = await self._score(body.query, body.documents)
-        return cohere_response(
-            raw,
-            unit,
-            body.documents,
-            top_n=body.top_n,
-            return_documents=body.return_documents,
-            api_version=api_version,
-        )
-
     def _check(self, query: str, texts: list[str], **fields: str) -> None:
         s = self.config.serve
         check_texts(query, texts, max_documents=s.max_documents, max_text_chars=s.max_text_chars, **fields)
 
     async def _check_lengths(
-        self, query: str, texts: list[str], query_field: str, field: str, suffix: str, hint: str
+        self,
+        query: str,
+        texts: list[str],
+        query_field: str,
+        field: str,
+        suffix: str,
+        hint: str,
+        indices: list[int] | None = None,
     ) -> None:
-        """For APIs whose default is to refuse, not cut, inputs longer than the model's max length."""
+        """For APIs whose default is to refuse, not cut, inputs longer than the model's max length. indices: each
+        text's index in the request (a cascade stage scores a subset), for the field named."""
         loop = asyncio.get_running_loop()
         bad = await loop.run_in_executor(self._check_pool, self._first_too_long, query, texts)
         if bad is None:
@@ -455,7 +398,7 @@ class RerankService:
         raise ApiError(
             413,
             f"{what}, more than the model's limit of {limit}; {hint}",
-            field=query_field if where < 0 else f"{field}[{where}]{suffix}",
+            field=query_field if where < 0 else f"{field}[{where if indices is None else indices[where]}]{suffix}",
             error_type="payload_too_large",
         )
 
@@ -477,9 +420,12 @@ class RerankService:
                 return i, n, limit
         return None
 
-    async def _score(self, query: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    async def _score(
+        self, query: str, texts: list[str], indices: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(raw, [0, 1]) scores of (query, text) pairs in input order, scored in batches shared with other
-        requests: the raw score is the batch job's with activation none, the [0, 1] one its activation sigmoid."""
+        requests: the raw score is the batch job's with activation none, the [0, 1] one its activation sigmoid.
+        indices: each text's index in the request, for the messages (a cascade stage scores a subset)."""
         s = self.config.serve
         n = len(texts)
         if self._pending_pairs and self._pending_pairs + n > s.max_queued_pairs:
@@ -514,7 +460,7 @@ class RerankService:
             raw, unit = out[:, 0], cosine_to_unit(out[:, 0])
         else:
             raw, unit = self.scorer.from_logits(out, "none"), self.scorer.from_logits(out, "sigmoid")
-        if problem := non_finite_problem(self.model_name, raw, unit):
+        if problem := non_finite_problem(self.model_name, raw, unit, indices):
             # The rule of every API: never a 200 with a null (or a NaN JSON cannot carry) where a number is
             # promised. Logged once here; the next health check probes the model (a model that gives NaN for
             # everything is then marked unhealthy).
@@ -626,11 +572,450 @@ class RerankService:
         st["pairs"] += len(passages)
         st["max_batch_pairs"] = max(st["max_batch_pairs"], len(passages))
         st["max_batch_requests"] = max(st["max_batch_requests"], n_requests)
-        m = app.state.metrics
+        m = self._metrics
         m.batch_pairs.observe(len(passages))
         m.batch_requests.observe(n_requests)
         m.pairs.inc(len(passages))
         return scores
+
+
+@serve.deployment(name="Reranker")
+@serve.ingress(app)
+class RerankService(_ModelReplica):
+    """One replica of the one-model application (``model:``): the model, its batch queue and the HTTP routes."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        # The key is read from this replica's environment by the auth middleware: it never travels through Ray
+        # (constructor arguments, runtime_env, the Serve config and the pickled app are all stored by Ray).
+        app.state.api_key_env = self.config.serve.api_key_env  # the variable's name only
+        app.state.metrics = self._metrics
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health(self) -> Any:
+        """200 once the model is loaded (Serve routes nothing to a replica before its constructor finished), 503
+        while this replica's last health check failed. With no replica at all, the proxy answers 503
+        (``pipelines.serve.proxy``)."""
+        if self._unhealthy:
+            body = {"status": "unhealthy", "model": self.model_name, "message": self._unhealthy}
+            return JSONResponse(body, status_code=503, headers=_retry_after(self.config.serve.retry_after_s))
+        info = self.scorer.info  # the backend and precision in use; backend_choice: what auto chose and why
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "backend": info.backend,
+            "dtype": info.dtype,
+            "backend_choice": info.backend_choice,
+        }
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        info = self.scorer.info
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "rerank",
+                    "kind": info.kind,
+                    "revision": info.revision,
+                    "max_length": self.scorer.max_length,
+                    "max_documents": self.config.serve.max_documents,
+                }
+            ],
+        }
+
+    @app.post("/v1/rerank")
+    async def cohere_v1(self, body: CohereRerankRequest) -> dict[str, Any]:
+        return await self._cohere(body, api_version="1")
+
+    @app.post("/v2/rerank")
+    async def cohere_v2(self, body: CohereRerankRequest) -> dict[str, Any]:
+        return await self._cohere(body, api_version="2")
+
+    @app.post("/rerank")
+    async def tei(self, body: TEIRerankRequest) -> list[dict[str, Any]]:
+        self._check(body.query, body.texts, query_field="query", texts_field="texts")
+        if not body.truncate:
+            await self._check_lengths(body.query, body.texts, "query", "texts", "", "send truncate: true to cut it")
+        raw, unit = await self._score(body.query, body.texts)
+        return tei_response(raw, unit, body.texts, raw_scores=body.raw_scores, return_text=body.return_text)
+
+    @app.post("/v1/ranking")
+    async def nim(self, body: NIMRankingRequest) -> dict[str, Any]:
+        texts = [p.text for p in body.passages]
+        self._check(body.query.text, texts, query_field="query.text", texts_field="passages", item_suffix=".text")
+        if body.truncate == "NONE":
+            await self._check_lengths(
+                body.query.text, texts, "query.text", "passages", ".text", 'send truncate: "END" to cut it'
+            )
+        raw, _ = await self._score(body.query.text, texts)
+        return nim_response(raw)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _cohere(self, body: CohereRerankRequest, api_version: str) -> dict[str, Any]:
+        self._check(body.query, body.documents, query_field="query", texts_field="documents")
+        raw, unit = await self._score(body.query, body.documents)
+        return cohere_response(
+            raw,
+            unit,
+            body.documents,
+            top_n=body.top_n,
+            return_documents=body.return_documents,
+            api_version=api_version,
+        )
+
+
+@serve.deployment(name="RerankerModel")
+class ModelDeployment(_ModelReplica):
+    """One replica of one model of ``rerankers:``: no HTTP routes; ``RerankRouter`` calls it through a deployment
+    handle. Its own replicas, resources, batching, queue limits and health check (the entry's serve settings)."""
+
+    async def score(
+        self, query: str, texts: list[str], refuse_long: dict[str, str] | None = None, indices: list[int] | None = None
+    ) -> dict[str, Any]:
+        """{"raw", "unit"} scores of the pairs in input order, or {"error": ...}: an ApiError's parts (returned,
+        not raised: an exception crossing the handle arrives wrapped). refuse_long: the fields of a 413 for a pair
+        the model would cut (TEI truncate false, NIM NONE), None to cut it. indices: each text's index in the
+        request, for messages."""
+        try:
+            if refuse_long is not None:
+                await self._check_lengths(query, texts, indices=indices, **refuse_long)
+            raw, unit = await self._score(query, texts, indices)
+        except ApiError as err:
+            return {"error": _error_parts(err)}
+        return {"raw": raw, "unit": unit}
+
+    def info(self) -> dict[str, Any]:
+        """What /v1/models and /health report of this model: its kind, revision, max length, backend; unhealthy
+        says why the last health check failed (None: healthy)."""
+        info = self.scorer.info
+        return {
+            "model_kind": info.kind,
+            "revision": info.revision,
+            "max_length": self.scorer.max_length,
+            "backend": info.backend,
+            "dtype": info.dtype,
+            "unhealthy": self._unhealthy,
+        }
+
+
+def _error_parts(err: ApiError) -> dict[str, Any]:
+    return {
+        "status": err.status,
+        "message": str(err.args[0]) if err.args else err.message,
+        "field": err.field,
+        "error_type": err.error_type,
+        "headers": dict(err.headers),
+    }
+
+
+def _error_from_parts(parts: dict[str, Any]) -> ApiError:
+    return ApiError(
+        parts["status"],
+        parts["message"],
+        field=parts.get("field"),
+        error_type=parts.get("error_type", "validation"),
+        headers=parts.get("headers") or None,
+    )
+
+
+async def _result(response: Any) -> Any:
+    return await response
+
+
+def _refuse_long(query_field: str, field: str, suffix: str, hint: str) -> dict[str, str]:
+    return {"query_field": query_field, "field": field, "suffix": suffix, "hint": hint}
+
+
+def _reindex(results: list[dict[str, Any]], idx: np.ndarray) -> list[dict[str, Any]]:
+    """Results built on the documents a cascade's last stage scored, their index mapped back to the request's."""
+    for item in results:
+        item["index"] = int(idx[item["index"]])
+    return results
+
+
+@dataclass
+class _RouteMetrics:
+    """Per model deployment, at the ingress (Prometheus names get a ``ray_`` prefix): calls and their latency."""
+
+    requests: Any
+    latency: Any
+
+    @classmethod
+    def create(cls) -> "_RouteMetrics":
+        from ray.serve import metrics
+
+        return cls(
+            requests=metrics.Counter(
+                "rerank_model_requests",
+                description="Calls of each model deployment (a cascade stage is one), by model and status code.",
+                tag_keys=("model", "status"),
+            ),
+            latency=metrics.Histogram(
+                "rerank_model_latency_ms",
+                description="Time from the ingress calling a model deployment to its scores.",
+                boundaries=_LATENCY_BOUNDARIES_MS,
+                tag_keys=("model",),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One model call of a routed request: the model deployment's id and how many candidates go on (None: last)."""
+
+    model: str
+    keep: int | None
+    name: str
+
+
+# How long /health and /v1/models wait for a model deployment to answer.
+_INFO_TIMEOUT_S = 3.0
+
+
+@serve.deployment(name="RerankRouter")
+@serve.ingress(router_app)
+class RerankRouter:
+    """The ingress of several rerankers (``rerankers:``): the HTTP routes of every API, the request's ``model``
+    picking an entry; a model entry is one call of its deployment, a cascade one call per stage, each stage over
+    the top ``keep`` of the one before (over all of the request's documents). No model here: it parses, checks,
+    routes and builds the responses."""
+
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any]):
+        self.config = ServeAppConfig.model_validate(config)
+        self.handles = handles  # model deployment id -> DeploymentHandle
+        self.settings = {name: s for name, (_, s) in self.config.served_models().items()}
+        self.routes: dict[str, list[_Stage]] = {}
+        self.entries = {spec.name: spec for spec in self.config.rerankers or []}
+        for spec in self.config.rerankers or []:
+            if spec.model is not None:
+                self.routes[spec.name] = [_Stage(spec.name, None, spec.name)]
+            else:
+                self.routes[spec.name] = [
+                    _Stage(st.reranker or f"{spec.name}.{st.name}", st.keep, st.name) for st in spec.cascade or []
+                ]
+        self._info: dict[str, dict[str, Any]] = {}  # model id -> its last info()
+        router_app.state.api_key_env = self.config.serve.api_key_env  # the variable's name only
+        router_app.state.metrics = _Metrics.create()
+        self._route_metrics = _RouteMetrics.create()
+        log.info("rerank ingress ready: %s", ", ".join(f"{n} ({len(st)} stage(s))" for n, st in self.routes.items()))
+
+    # ------------------------------------------------------------------ routes
+
+    @router_app.get("/health")
+    async def health(self) -> Any:
+        """200 when every model has a healthy replica answering; else 503 naming those that do not."""
+        infos = await asyncio.gather(*(self._model_info(m) for m in self.handles))
+        models = {
+            m: ("ok" if i is not None and not i.get("unhealthy") else "unavailable")
+            for m, i in zip(self.handles, infos)
+        }
+        down = [m for m, state in models.items() if state != "ok"]
+        if down:
+            err = ApiError(
+                503,
+                f"no healthy replica of {', '.join(down)} answered within {_INFO_TIMEOUT_S:g} s; retry later",
+                error_type="unavailable",
+            )
+            body = {**err.body(), "status": "unavailable", "models": models}
+            return JSONResponse(body, status_code=503, headers=_retry_after(self.config.serve.retry_after_s))
+        return {"status": "ok", "models": models}
+
+    @router_app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        infos = dict(zip(self.handles, await asyncio.gather(*(self._model_info(m) for m in self.handles))))
+        s = self.config.serve
+        data = []
+        for spec in self.config.rerankers or []:
+            item: dict[str, Any] = {"id": spec.name, "object": "model", "created": 0, "owned_by": "rerank"}
+            if spec.model is not None:
+                item.update(kind="model", **self._describe(spec.name, infos.get(spec.name)))
+            else:
+                item["kind"] = "cascade"
+                item["stages"] = [
+                    {
+                        "name": st.name,
+                        "model": st.model,
+                        "keep": st.keep,
+                        **self._describe(st.model, infos.get(st.model)),
+                    }
+                    for st in self.routes[spec.name]
+                ]
+            item["max_documents"] = s.max_documents
+            data.append(item)
+        return {"object": "list", "data": data}
+
+    @router_app.post("/v1/rerank")
+    async def cohere_v1(self, body: CohereRerankRequest) -> dict[str, Any]:
+        return await self._cohere(body, api_version="1")
+
+    @router_app.post("/v2/rerank")
+    async def cohere_v2(self, body: CohereRerankRequest) -> dict[str, Any]:
+        return await self._cohere(body, api_version="2")
+
+    @router_app.post("/rerank")
+    async def tei(self, body: TEIRerankRequest) -> list[dict[str, Any]]:
+        stages = self._route(body.model)
+        self._check(body.query, body.texts, query_field="query", texts_field="texts")
+        long = None if body.truncate else _refuse_long("query", "texts", "", "send truncate: true to cut it")
+        idx, raw, unit = await self._rank(stages, body.query, body.texts, long)
+        out = tei_response(
+            raw, unit, [body.texts[i] for i in idx], raw_scores=body.raw_scores, return_text=body.return_text
+        )
+        return _reindex(out, idx)
+
+    @router_app.post("/v1/ranking")
+    async def nim(self, body: NIMRankingRequest) -> dict[str, Any]:
+        stages = self._route(body.model)
+        texts = [p.text for p in body.passages]
+        self._check(body.query.text, texts, query_field="query.text", texts_field="passages", item_suffix=".text")
+        long = None
+        if body.truncate == "NONE":
+            long = _refuse_long("query.text", "passages", ".text", 'send truncate: "END" to cut it')
+        idx, raw, _ = await self._rank(stages, body.query.text, texts, long)
+        out = nim_response(raw)
+        _reindex(out["rankings"], idx)
+        return out
+
+    # ------------------------------------------------------------------ handle-only
+
+    def stats(self) -> dict[str, Any]:
+        """This ingress replica's process id and whether it enforces an API key."""
+        return {"pid": os.getpid(), "auth": int(bool(replica_api_key(self.config)))}
+
+    # ------------------------------------------------------------------ internals
+
+    async def _cohere(self, body: CohereRerankRequest, api_version: str) -> dict[str, Any]:
+        stages = self._route(body.model)
+        self._check(body.query, body.documents, query_field="query", texts_field="documents")
+        idx, raw, unit = await self._rank(stages, body.query, body.documents, None)
+        out = cohere_response(
+            raw,
+            unit,
+            [body.documents[i] for i in idx],
+            top_n=body.top_n,
+            return_documents=body.return_documents,
+            api_version=api_version,
+        )
+        _reindex(out["results"], idx)
+        return out
+
+    def _check(self, query: str, texts: list[str], **fields: str) -> None:
+        s = self.config.serve
+        check_texts(query, texts, max_documents=s.max_documents, max_text_chars=s.max_text_chars, **fields)
+
+    def _route(self, name: str | None) -> list[_Stage]:
+        """The stages of the entry a request's model field names: 404 for a name not served, 400 for none when
+        there are several (and no serve.default_model)."""
+        names = list(self.routes)
+        if name is None:
+            name = self.config.serve.default_model or (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise ApiError(
+                    400,
+                    f"this service has several rerankers: name one in the request's model field ({', '.join(names)}; "
+                    "GET /v1/models lists them)",
+                    field="model",
+                    error_type="model_required",
+                )
+        stages = self.routes.get(name)
+        if stages is None:
+            raise ApiError(
+                404,
+                f"no reranker named {name!r} is served here; use one of {', '.join(names)} (GET /v1/models lists them)",
+                field="model",
+                error_type="model_not_found",
+            )
+        return stages
+
+    async def _rank(
+        self, stages: list[_Stage], query: str, texts: list[str], refuse_long: dict[str, str] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indices into texts, raw, [0, 1]) of the documents the last stage scored, in the order they were sent to
+        it: stage 1 scores all, each stage passes its top keep (best first, ties in the order it got them) to the
+        next. The scores are the last stage's."""
+        idx = np.arange(len(texts))
+        raw = unit = np.empty(0)
+        for stage in stages:
+            raw, unit = await self._call(stage.model, query, [texts[i] for i in idx], refuse_long, idx)
+            if stage.keep is not None:
+                order = best_first(raw, stage.keep)
+                idx, raw, unit = idx[order], raw[order], unit[order]
+        return idx, raw, unit
+
+    async def _call(
+        self, model: str, query: str, texts: list[str], refuse_long: dict[str, str] | None, idx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One model deployment's scores for these pairs, its refusals as the ApiError it returned; a lost replica,
+        a full queue and a timeout as 503 / 503 / 408 naming the model."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        s = self.settings[model]
+        indices = None if np.array_equal(idx, np.arange(len(idx))) else idx.tolist()
+        start = time.perf_counter()
+        status = 200
+        response = self.handles[model].score.remote(query, texts, refuse_long, indices)
+        try:
+            out = await asyncio.wait_for(_result(response), timeout=s.request_timeout_s)
+            if "error" in out:
+                raise _error_from_parts(out["error"])
+            return out["raw"], out["unit"]
+        except ApiError as err:
+            status = err.status
+            raise
+        except asyncio.TimeoutError:
+            response.cancel()
+            status = 408
+            raise ApiError(
+                408,
+                f"model {model} did not score this request within {s.request_timeout_s:g} s (serve.request_timeout_s); "
+                "retry later, or send fewer documents",
+                error_type="timeout",
+            ) from None
+        except BackPressureError:
+            status = 503
+            raise ApiError(
+                503,
+                f"model {model} is overloaded (its serve.max_queued_requests requests wait); retry later",
+                error_type="overloaded",
+                headers=_retry_after(s.retry_after_s),
+            ) from None
+        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
+            status = 503
+            log.warning("model %s: replica lost mid-request: %s", model, type(err).__name__)
+            raise ApiError(
+                503,
+                f"model {model}: the replica serving this request was lost; nothing was returned, so retrying is safe",
+                error_type="unavailable",
+                headers=_retry_after(s.retry_after_s),
+            ) from None
+        finally:
+            m = self._route_metrics
+            m.requests.inc(tags={"model": model, "status": str(status)})
+            m.latency.observe((time.perf_counter() - start) * 1000.0, tags={"model": model})
+
+    async def _model_info(self, model: str) -> dict[str, Any] | None:
+        try:
+            info = await asyncio.wait_for(_result(self.handles[model].info.remote()), timeout=_INFO_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - no replica answered (lost, starting): reported as unavailable
+            return None
+        self._info[model] = info
+        return info
+
+    def _describe(self, model: str, info: dict[str, Any] | None) -> dict[str, Any]:
+        """A model's entry in /v1/models: from its replica, else (none answered) the last answer or its config."""
+        info = info or self._info.get(model)
+        if info is None:
+            cfg = self.config.served_models()[model][0]
+            return {"model_kind": cfg.kind, "revision": cfg.revision, "max_length": cfg.max_length}
+        return {k: info[k] for k in ("model_kind", "revision", "max_length")}
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -699,8 +1084,53 @@ def deployment_options(config: ServeAppConfig) -> dict[str, Any]:
 
 
 def build_app_from_config(config: ServeAppConfig):
-    """A bound Serve application for this config (deploy it with serve.run or a Serve config file)."""
-    return RerankService.options(**deployment_options(config)).bind(*replica_init_args(config))
+    """A bound Serve application for this config (deploy it with serve.run or a Serve config file): with model:,
+    one deployment that holds the model and the HTTP routes (``RerankService``); with rerankers:, one deployment
+    per model (``ModelDeployment``, named ``Reranker-<id>``) composed behind one ingress (``RerankRouter``) that
+    holds their deployment handles."""
+    if config.rerankers is None:
+        return RerankService.options(**deployment_options(config)).bind(*replica_init_args(config))
+    handles = {
+        name: ModelDeployment.options(name=f"{MODEL_DEPLOYMENT_PREFIX}{name}", **deployment_options(sub)).bind(
+            *replica_init_args(sub)
+        )
+        for name, sub in model_configs(config).items()
+    }
+    return RerankRouter.options(**ingress_options(config)).bind(*replica_init_args(config), handles)
+
+
+MODEL_DEPLOYMENT_PREFIX = "Reranker-"
+
+
+def model_configs(config: ServeAppConfig) -> dict[str, ServeAppConfig]:
+    """Each model deployment's own config, as one-model configs: {"": config} for model:, else the model ids of
+    rerankers: (entries with a model, cascade stages with their own) -> that model under its serve settings."""
+    if config.rerankers is None:
+        return {"": config}
+    return {
+        name: ServeAppConfig(model=model, serve=settings, ray=config.ray)
+        for name, (model, settings) in config.served_models().items()
+    }
+
+
+def ingress_options(config: ServeAppConfig) -> dict[str, Any]:
+    """The ingress of rerankers:: light (it parses, checks and routes; no model), with room for every request
+    the model deployments can hold at once, so each model's own queue limit decides its 503s."""
+    s = config.serve
+    capacity = 0
+    for sub in model_configs(config).values():
+        m = sub.serve
+        replicas = m.autoscaling.max_replicas if m.autoscaling is not None else m.num_replicas
+        capacity += (m.max_ongoing_requests + max(m.max_queued_requests, 0)) * replicas
+    return {
+        "ray_actor_options": {"num_cpus": s.ingress_num_cpus_per_replica},
+        "num_replicas": s.ingress_num_replicas,
+        "max_ongoing_requests": max(capacity, s.max_ongoing_requests),
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "graceful_shutdown_timeout_s": s.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": _DRAIN_CHECK_S,
+    }
 
 
 def replica_init_args(config: ServeAppConfig) -> tuple[dict[str, Any]]:
