@@ -217,6 +217,69 @@ def test_cascade_keeps_the_global_top_and_maps_indices_back():
     ]
 
 
+def test_a_models_faults_are_answered_naming_it():
+    """The ingress's call of a model deployment, with stand-in handles: the model's own refusal comes back as its
+    ApiError; its full queue is 503 overloaded, a lost replica 503 unavailable (both with Retry-After), a model
+    slower than its request_timeout_s 408 (the call cancelled); each names the model."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from pipelines.serve.api import ApiError
+
+    tree = _tree("pa", "pb", retry_after_s=7)
+    tree["rerankers"][1]["serve"] = {"request_timeout_s": 0.2}
+    router = _router(tree)
+
+    class Response:
+        def __init__(self, outcome):
+            self.outcome, self.cancelled = outcome, False
+
+        def __await__(self):
+            if self.outcome == "slow":
+                yield from asyncio.sleep(5).__await__()
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Handle:
+        def __init__(self, outcome):
+            self.response = Response(outcome)
+            self.score = self
+
+        def remote(self, *args):
+            return self.response
+
+    refusal = {
+        "status": 413,
+        "message": "too long",
+        "field": "texts[3]",
+        "error_type": "payload_too_large",
+        "headers": {},
+    }
+    cases = [
+        ("a", {"error": refusal}, 413, "payload_too_large", None),
+        ("a", BackPressureError(num_queued_requests=3, max_queued_requests=2), 503, "overloaded", "7"),
+        ("a", ActorDiedError(), 503, "unavailable", "7"),
+        ("b", "slow", 408, "timeout", None),
+    ]
+    for model, outcome, status, error_type, retry in cases:
+        router.handles = {model: Handle(outcome)}
+        with pytest.raises(ApiError) as err:
+            asyncio.run(router._call(model, "q", ["t"], None, np.arange(1)))
+        assert (err.value.status, err.value.error_type) == (status, error_type), err.value.message
+        assert err.value.headers.get("Retry-After") == retry
+        if status != 413:
+            assert f"model {model}" in err.value.message
+    assert router.handles["b"].response.cancelled
+    assert err.value.message.startswith("model b did not score this request within 0.2 s")
+    router.handles = {"a": Handle({"raw": np.ones(1), "unit": np.ones(1)})}
+    raw, unit = asyncio.run(router._call("a", "q", ["t"], None, np.arange(1)))
+    assert raw.tolist() == unit.tolist() == [1.0]
+
+
 # ---------------------------------------------------------------------------------------------- in-process Ray
 
 
