@@ -562,7 +562,9 @@ class CascadeStage(_Strict):
         "top_n (the service) or N (the eval).",
     )
     scale: ScaleConfig | None = Field(
-        None, description="rerank run: this stage's actor pool and resources (default: the job's scale section)."
+        None,
+        description="rerank run: this stage's actor pool and resources: the keys it sets, over the job's scale "
+        "section.",
     )
     serve: ServeDeploymentConfig | None = Field(
         None,

@@ -181,7 +181,7 @@ def test_driver_killed_in_the_last_stage_then_resumed(
     pairs = make_pairs(num_queries=24, per_query=9, seed=11)
     src = write_flat(pairs, tmp_path / "in", files=3)
     config = cascade_config(tmp_path, src, tiny_cross_encoder, tiny_cross_encoder_2labels, unit_rows=3)
-    data = config.model_dump(mode="json") | {"ray": {"num_cpus": 3}}
+    data = config.model_dump(mode="json", exclude_unset=True) | {"ray": {"num_cpus": 3}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), HF_HUB_OFFLINE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1")
@@ -205,6 +205,7 @@ def test_driver_killed_in_the_last_stage_then_resumed(
     driver.wait(timeout=60)
     assert driver.returncode == -signal.SIGKILL, driver.stderr.read()[-3000:]
     assert not (out / "_SUCCESS").exists() and (out / "_work" / "stages" / "01-small" / "_SUCCESS").exists()
+    stage1 = json.loads((out / "_work" / "stages" / "01-small" / "_summary.json").read_text())
     stage2_units = len(json.loads((out / "_work" / "manifest.json").read_text())["units"])
     done_before = len(list(done.glob("*.json")))
     assert done_before < stage2_units
@@ -219,7 +220,7 @@ def test_driver_killed_in_the_last_stage_then_resumed(
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["stages"][0]["units_resumed"] == summary["stages"][0]["units"]  # stage 1 found finished
+    assert summary["stages"][0]["wall_time_s"] == stage1["wall_time_s"]  # stage 1 found finished, not rerun
     assert summary["stages"][1]["units_resumed"] >= done_before
 
     clean = tmp_path / "clean.yaml"
@@ -235,3 +236,69 @@ def test_driver_killed_in_the_last_stage_then_resumed(
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     pd.testing.assert_frame_equal(read_output(out), read_output(tmp_path / "clean"))
     assert summary["pairs_scored"] == json.loads((tmp_path / "clean" / "_summary.json").read_text())["pairs_scored"]
+
+
+def _model_actor_pids() -> list[int]:
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("ModelStage" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+def _kill_after(done_dir: Path, commits: int, thread, deadline: float) -> int | None:
+    """SIGKILL the model actor of a stage once it committed `commits` units there (it holds units in flight)."""
+    while thread.is_alive() and time.monotonic() < deadline:
+        records = [json.loads(p.read_text()) for p in done_dir.glob("*.json")] if done_dir.exists() else []
+        if len(records) >= commits and records[-1]["pid"] in _model_actor_pids():
+            os.kill(records[-1]["pid"], signal.SIGKILL)
+            return records[-1]["pid"]
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_actor_killed_in_each_stage(tmp_path, ray_local, tiny_cross_encoder, tiny_cross_encoder_2labels):
+    """A model actor SIGKILLed in stage 1 and another in stage 2: the output is the reference's, counts once."""
+    import threading
+
+    from pipelines.config import ModelConfig
+    from pipelines.job import run_rerank
+    from pipelines.model.scoring import Scorer
+    from tests.datasets import reference_top_n
+
+    pairs = make_pairs(num_queries=30, per_query=9, seed=7)
+    src = write_flat(pairs, tmp_path / "in", files=3)
+    config = cascade_config(tmp_path, src, tiny_cross_encoder, tiny_cross_encoder_2labels, unit_rows=4)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = run_rerank(config)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            result["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    first = _kill_after(tmp_path / "out" / "_work" / "stages" / "01-small" / "_work" / "done", 4, thread, deadline)
+    second = _kill_after(tmp_path / "out" / "_work" / "done", 4, thread, deadline)
+    thread.join(timeout=300)
+    assert first is not None and second is not None, "the cascade ended before an actor of each stage was killed"
+    assert "error" not in result, result.get("error")
+
+    def scores(path: str, df: pd.DataFrame) -> np.ndarray:
+        return Scorer(ModelConfig(name_or_path=path, max_length=96)).score(df["query"].tolist(), df["text"].tolist())
+
+    kept = reference_top_n(pairs, scores(tiny_cross_encoder, pairs), KEEP)
+    second_in = pairs.merge(kept[["query_id", "doc_id"]], on=["query_id", "doc_id"])
+    ref = reference_top_n(second_in, scores(tiny_cross_encoder_2labels, second_in), TOP_N)
+    got = read_output(tmp_path / "out")
+    cols = ["query_id", "doc_id", "rank", "first_stage_rank"]
+    pd.testing.assert_frame_equal(got[cols], ref[cols], check_dtype=False)
+    np.testing.assert_allclose(got["score"], ref["score"], atol=1e-4)
+    stages = result["summary"].stages
+    assert stages[0]["pairs_scored"] == len(pairs) and stages[1]["pairs_scored"] == len(second_in)

@@ -38,6 +38,7 @@ from pipelines.io.storage import Storage
 from pipelines.job.link import CascadeLink
 from pipelines.job.plan import (
     SCORE_NEUTRAL,
+    JobPlan,
     _check_overlaps,
     _check_results,
     _identities,
@@ -49,6 +50,7 @@ from pipelines.job.plan import (
     inspect_input,
     plan_rerank,
 )
+from pipelines.job.run import run_job
 from pipelines.job.summary import JobError, JobSummary
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,8 @@ def stage_config(config: RerankJobConfig, index: int) -> RerankJobConfig:
     last = index == len(stages) - 1
     data = config.model_dump(mode="python", exclude={"cascade"})
     data["model"] = stage.model.model_dump(mode="python")  # type: ignore[union-attr]
-    if stage.scale is not None:
-        data["scale"] = stage.scale.model_dump(mode="python")
+    if stage.scale is not None:  # the keys the stage sets, over the job's scale section
+        data["scale"] = data["scale"] | stage.scale.model_dump(mode="python", include=stage.scale.model_fields_set)
     if index > 0:
         data["input"] = {"uri": stage_folder(config, index - 1), "max_text_bytes": config.input.max_text_bytes}
     data["output"] = data["output"] | {
@@ -220,6 +222,21 @@ def hold_cascade(plan: CascadePlan) -> Lease:
     return lease
 
 
+def run_rerank(
+    config: RerankJobConfig, plan: JobPlan | CascadePlan | None = None, lease: Lease | None = None
+) -> JobSummary:
+    """Run (or resume) a batch job: its cascade (`run_cascade`) or its one model (`pipelines.job.run.run_job`).
+    Ray must already be initialised by the caller. `plan` and `lease`: from `plan_rerank` and `hold_output`
+    (`plan_cascade` and `hold_cascade` for a cascade) when the caller took them already; the lease is released
+    here either way.
+
+    S3 keys in ``config.storage`` are refused: Ray workers get credentials from their environment or the AWS
+    credential chain, never as task or actor arguments."""
+    if config.cascade is not None:
+        return run_cascade(config, plan, lease)  # type: ignore[arg-type]
+    return run_job(config, plan, lease)  # type: ignore[arg-type]
+
+
 def run_cascade(config: RerankJobConfig, plan: CascadePlan | None = None, lease: Lease | None = None) -> JobSummary:
     """Run (or resume) a cascade, stage after stage; Ray must already be initialised by the caller. `lease`: the
     output's, from `hold_cascade` (released here either way)."""
@@ -251,10 +268,8 @@ def run_cascade(config: RerankJobConfig, plan: CascadePlan | None = None, lease:
             last.model.name_or_path,  # type: ignore[union-attr]
         )
         lease.check(verify=True)
-        from pipelines.job.run import run_rerank
-
-        held, lease = lease, None  # run_rerank releases it from here
-        return run_rerank(
+        held, lease = lease, None  # run_job releases it from here
+        return run_job(
             last,
             plan_rerank(last, held=held),
             held,
@@ -268,9 +283,7 @@ def run_cascade(config: RerankJobConfig, plan: CascadePlan | None = None, lease:
 
 def run_rerank_stage(config: RerankJobConfig, link: CascadeLink) -> JobSummary:
     """One stage before the last: its own job in the output's work folder (finished before: found finished)."""
-    from pipelines.job.run import run_rerank
-
-    return run_rerank(config, plan_rerank(config), None, link)
+    return run_job(config, plan_rerank(config), None, link)
 
 
 def _complete_summary(
@@ -302,6 +315,7 @@ def _complete_summary(
                 "keep": stage.keep if stage.keep is not None else config.output.top_n,
                 "pairs_in": s.pairs_in,
                 "pairs_scored": s.pairs_scored,
+                "pairs_reused": s.pairs_reused,  # from output.score_store (the stage's model's namespace)
                 "rejected": s.rejected,
                 "rows_kept": s.rows_written,
                 "wall_time_s": s.wall_time_s,
@@ -324,6 +338,7 @@ def _complete_summary(
     summary.stages = per_stage
     summary.pairs_in = per_stage[0]["pairs_in"]
     summary.pairs_scored = sum(s["pairs_scored"] for s in per_stage)
+    summary.pairs_reused = sum(s["pairs_reused"] for s in per_stage)
     summary.windows_scored = sum(s.windows_scored for s in [*earlier, summary])
     summary.rejected = sum(s["rejected"] for s in per_stage)
     summary.rejected_by_reason = dict(sorted(reasons.items()))

@@ -46,25 +46,23 @@ from pipelines.job.summary import JobError, JobSummary, Totals
 log = logging.getLogger(__name__)
 
 
-def run_rerank(
+def run_job(
     config: RerankJobConfig,
     plan: JobPlan | None = None,
     lease: Lease | None = None,
     link: CascadeLink = NO_LINK,
     before_publish: Callable[[JobSummary, JobPlan], None] | None = None,
 ) -> JobSummary:
-    """Run (or resume) one reranking job. Ray must already be initialised by the caller. `lease`: the output's
-    lease from `hold_output`, when the caller took it already (released here either way). A config with a
-    `cascade` runs each stage in turn (`pipelines.job.cascade.run_cascade`, which calls this once per stage with
-    the stage's `link` and, on the last, a `before_publish` that completes the summary before it is published).
+    """Run (or resume) one reranking job of one model (`pipelines.job.run_rerank` runs a config's cascade or its
+    model). Ray must already be initialised by the caller. `lease`: the output's lease from `hold_output`, when
+    the caller took it already (released here either way). A cascade's stages (`pipelines.job.cascade`) pass
+    their `link` and, on the last, a `before_publish` that completes the summary before it is published.
 
     S3 keys in ``config.storage`` are refused: Ray workers get credentials from their environment or the AWS
     credential chain, never as task or actor arguments (``rerank run`` moves keys from a config file into the
     environment of the local Ray it starts)."""
-    if config.cascade is not None:
-        from pipelines.job.cascade import run_cascade
-
-        return run_cascade(config, plan, lease)  # type: ignore[arg-type]
+    if config.model is None:
+        raise ConfigError("run_job runs one model; a config with a cascade runs through pipelines.job.run_rerank")
     started = time.perf_counter()
     try:
         if config.storage.has_credentials:
