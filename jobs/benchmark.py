@@ -356,7 +356,15 @@ def main() -> None:
     ap.add_argument(
         "--engine-only", default="", help="--engine: comma list of rows to run (encode, host, simulated, real, small)"
     )
+    ap.add_argument(
+        "--store",
+        action="store_true",
+        help="only the score store's rows: a full run with output.score_store, then a delta run (2%% of passages "
+        "edited, 1%% of candidates added, 1%% removed) and a rerun with nothing changed (--pairs of them)",
+    )
     args = ap.parse_args()
+    if args.store:
+        return store_rows(args)
     if args.engine:
         return engine_rows(args)
 
@@ -892,6 +900,89 @@ def engine_rows(args) -> None:
     finally:
         ray.shutdown()
     Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- the score store
+
+
+def store_rows(args) -> None:
+    """The score store's figures (docs/score-store.md), one run each, MiniLM-size model (torch float32):
+
+    - full run with output.score_store over --pairs Cranfield BM25 pairs (every passage made distinct);
+    - delta run: 2% of the passages edited, 1% of the candidates added (new passages), 1% removed; its wall time
+      against the full run's, pairs the model scored (windows, counted by the model actors), and the store bytes
+      it read against the store bytes of the keys it found (the store's bytes per pair x hits);
+    - the same input again: pairs scored (0 expected)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.cli.demo import write_cranfield_candidates
+    from pipelines.io.score_store import store_bytes
+
+    work = Path(tempfile.mkdtemp(prefix="rerank-store-"))
+    per_query = max(1, min(1400, -(-args.pairs // 225)))
+    write_cranfield_candidates(work / "all", k=per_query, shards=1)
+    table = pq.read_table(work / "all").slice(0, args.pairs)
+    texts = [f"{t} ({i})" for i, t in enumerate(table.column("text").to_pylist())]
+    table = table.set_column(table.column_names.index("text"), "text", pa.array(texts, pa.string()))
+    n = table.num_rows
+    order = np.random.default_rng(0).permutation(n)
+    edited, added, removed = n // 50, n // 100, n // 100
+    for i in order[:edited]:
+        texts[i] = texts[i] + " (edited)"
+    keep = np.ones(n, dtype=bool)
+    keep[order[edited : edited + removed]] = False
+    new = table.set_column(table.column_names.index("text"), "text", pa.array(texts, pa.string())).filter(keep)
+    extra = table.take(pa.array(order[-added:]))
+    ids = pa.array([10_000_000 + i for i in range(added)]).cast(table.schema.field("doc_id").type)
+    extra = extra.set_column(extra.column_names.index("doc_id"), "doc_id", ids)
+    fresh = pa.array([f"a new abstract {i} on heat transfer" for i in range(added)], pa.string())
+    extra = extra.set_column(extra.column_names.index("text"), "text", fresh)
+    new = pa.concat_tables([new, extra]).sort_by([("query_id", "ascending")])
+    for name, t in (("in", table), ("in2", new)):
+        (work / name).mkdir()
+        step = -(-t.num_rows // 4)
+        for i in range(4):
+            pq.write_table(t.slice(i * step, step), work / name / f"part-{i}.parquet")
+    model = args.model or minilm_cross_encoder(work / "minilm-ce")
+    store = str(work / "store")
+    cpus = os.cpu_count() or 1
+    print(f"{n} Cranfield pairs (passages made distinct), max_length {args.max_length}, {cpus} cores ({_cpu_model()})")
+    common = [f"output.score_store={store}", "scale.num_gpus_per_actor=0", f"model.max_length={args.max_length}"]
+    ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    rows: dict = {"pairs": n, "edited": edited, "added": added, "removed": removed, "cpu": _cpu_model()}
+    try:
+        full, _ = ray_job(work, model, args.kind, args.max_length, common, "full")
+        files, size = store_bytes(store, full.score_store["namespace"])
+        per_pair = size / max(1, full.score_store.get("pairs_written", 1))
+        (work / "in").rename(work / "in1")
+        (work / "in2").rename(work / "in")
+        delta, _ = ray_job(work, model, args.kind, args.max_length, common, "delta")
+        same, _ = ray_job(work, model, args.kind, args.max_length, common, "same")
+        found = delta.score_store.get("hits", 0)
+        read = delta.score_store.get("bytes_read", 0)
+        rows |= {
+            "full": {"wall_s": full.wall_time_s, "pairs_scored": full.pairs_scored, "store_files": files,
+                     "store_bytes": size, "store_bytes_per_pair": round(per_pair, 2)},
+            "delta": {"wall_s": delta.wall_time_s, "pairs_scored": delta.pairs_scored,
+                      "windows_scored": delta.windows_scored, "pairs_reused": delta.pairs_reused,
+                      "store": delta.score_store},
+            "same": {"wall_s": same.wall_time_s, "pairs_scored": same.pairs_scored, "pairs_reused": same.pairs_reused},
+            "delta_vs_full_wall": round(delta.wall_time_s / full.wall_time_s, 3),
+            "store_bytes_read_vs_keys_found": round(read / max(1.0, found * per_pair), 3),
+        }  # fmt: skip
+        print(
+            f"full run {full.wall_time_s:.1f} s ({full.pairs_scored:,} pairs scored; store {files} files, {size:,} "
+            f"bytes, {per_pair:.1f} bytes/pair); delta run {delta.wall_time_s:.1f} s ({rows['delta_vs_full_wall']:.3f}x"
+            f"): {delta.pairs_scored:,} pairs scored (model windows {delta.windows_scored:,}; edited {edited} + added "
+            f"{added}), {delta.pairs_reused:,} reused; store bytes read {read:,} = "
+            f"{rows['store_bytes_read_vs_keys_found']:.3f}x the store bytes of the {found:,} keys found; nothing "
+            f"changed: {same.pairs_scored} pairs scored in {same.wall_time_s:.1f} s"
+        )
+    finally:
+        ray.shutdown()
+    Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
 
 
 def _cpu_model() -> str:
