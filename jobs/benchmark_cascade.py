@@ -62,7 +62,6 @@ def main() -> None:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
     from benchmark import _cpu_model, minilm_cross_encoder
 
     from pipelines.cli.demo import write_cranfield_candidates
@@ -70,8 +69,8 @@ def main() -> None:
     from pipelines.job import run_rerank
 
     work = Path(tempfile.mkdtemp(prefix="bench-cascade-"))
-    small = minilm_cross_encoder(work / "small")
-    big = bert_base_cross_encoder(work / "big", small)
+    small = minilm_cross_encoder(work / "model-small")
+    big = bert_base_cross_encoder(work / "model-big", small)
     write_cranfield_candidates(work / "all", k=args.k, shards=1)
     table = pq.read_table(work / "all")
     qids = sorted(set(table.column("query_id").to_pylist()))[: args.queries]
@@ -95,26 +94,29 @@ def main() -> None:
         print(f"  {name:<12} {summary.pairs_scored:>7,} pairs {wall:8.1f} s  {summary.one_line()}", flush=True)
         return {"wall_s": wall, "pairs": summary.pairs_scored, "summary": summary.to_dict()}
 
-    ray.init(include_dashboard=False)
+    from pipelines.engine.ray_runtime import connect, shutdown
+
+    connect()  # a local Ray as `rerank run` starts it (more logical CPUs than cores, loopback)
     print(f"CPU: {_cpu_model()}; {pairs:,} pairs ({len(qids)} queries x K={args.k}), keep {args.keep}", flush=True)
     rows: dict[str, dict] = {}
+    top = min(10, args.keep)  # the output's top_n: the big model's top 10 (or all it was given)
     rows["small"] = job("small", work / "in", args.keep, model={"name_or_path": small} | model)
     kept = pq.read_table(work / "small", columns=["query_id", "doc_id"])
     big_in = table.join(kept, ["query_id", "doc_id"], join_type="inner")
     (work / "big_in").mkdir()
     pq.write_table(big_in, work / "big_in" / "part-0.parquet")
-    rows["big on kept"] = job("big_kept", work / "big_in", 10, model={"name_or_path": big} | model)
+    rows["big on kept"] = job("big_kept", work / "big_in", top, model={"name_or_path": big} | model)
     stages = [
         {"name": "small", "model": {"name_or_path": small} | model, "keep": args.keep},
         {"name": "big", "model": {"name_or_path": big} | model},
     ]
-    rows["cascade"] = job("cascade", work / "in", 10, cascade=stages)
+    rows["cascade"] = job("cascade", work / "in", top, cascade=stages)
     src = work / "in"
     if args.big_alone_pairs:
         (work / "big_all_in").mkdir()
         pq.write_table(table.slice(0, args.big_alone_pairs), work / "big_all_in" / "part-0.parquet")
         src = work / "big_all_in"
-    rows["big alone"] = job("big_all", src, 10, model={"name_or_path": big} | model)
+    rows["big alone"] = job("big_all", src, top, model={"name_or_path": big} | model)
     if args.big_alone_pairs:
         measured = rows["big alone"]
         rate = measured["summary"]["pairs_per_s"]
@@ -123,7 +125,7 @@ def main() -> None:
             "wall_s": measured["wall_s"] * pairs / measured["pairs"],
         }
         print(f"  big alone scaled to {pairs:,} pairs at its {rate:.1f} pairs/s: {rows['big alone']['wall_s']:.1f} s")
-    ray.shutdown()
+    shutdown()
 
     two = rows["small"]["wall_s"] + rows["big on kept"]["wall_s"]
     ratios = {

@@ -132,7 +132,7 @@ def prepare_local_environment(config: ServeAppConfig) -> None:
         os.environ[s.api_key_env] = s.api_key
     if not joining:
         os.environ.setdefault(CALLBACK_ENV, CALLBACK)
-        os.environ.setdefault(RETRY_AFTER_ENV, str(s.retry_after_s))
+        os.environ[RETRY_AFTER_ENV] = str(s.retry_after_s)  # this service's setting, not one left by another
 
 
 def start_service(config: ServeAppConfig):
