@@ -30,7 +30,9 @@ def _model(path: str) -> dict:
     return {"name_or_path": path, "max_length": 96, "batch_size": 8}
 
 
-def cascade_config(tmp_path: Path, src: Path, small: str, big: str, out: str = "out", **scale) -> RerankJobConfig:
+def cascade_config(
+    tmp_path: Path, src: Path, small: str, big: str, out: str = "out", big_extra: dict | None = None, **scale
+) -> RerankJobConfig:
     return validate_config(
         RerankJobConfig,
         {
@@ -38,7 +40,11 @@ def cascade_config(tmp_path: Path, src: Path, small: str, big: str, out: str = "
             "output": {"uri": str(tmp_path / out), "top_n": TOP_N},
             "cascade": [
                 {"name": "small", "model": _model(small), "keep": KEEP},
-                {"name": "big", "model": _model(big), "scale": {"num_actors": 1, "num_cpus_per_actor": 0.5}},
+                {
+                    "name": "big",
+                    "model": _model(big) | (big_extra or {}),
+                    "scale": {"num_actors": 1, "num_cpus_per_actor": 0.5},
+                },
             ],
             "scale": {"num_actors": 1, "num_cpus_per_actor": 0.5, "batch_rows": 16, "unit_rows": 7} | scale,
         },
@@ -175,12 +181,14 @@ def test_cascade_model_checked_before_ray(tmp_path, tiny_cross_encoder):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_driver_killed_in_the_last_stage_then_resumed(
-    tmp_path, tiny_cross_encoder, tiny_cross_encoder_2labels, ray_tmp
-):
+def test_driver_killed_in_the_last_stage_then_resumed(tmp_path, tiny_cross_encoder, ray_tmp):
+    from tests.tiny_models import build_simulated_accelerator
+
     pairs = make_pairs(num_queries=24, per_query=9, seed=11)
     src = write_flat(pairs, tmp_path / "in", files=3)
-    config = cascade_config(tmp_path, src, tiny_cross_encoder, tiny_cross_encoder_2labels, unit_rows=3)
+    # The last stage at 20 pairs/s (no CPU): its 40 units take seconds, so the driver is killed mid-stage.
+    slow = str(build_simulated_accelerator(tmp_path / "slow", pairs_per_s=20.0))
+    config = cascade_config(tmp_path, src, tiny_cross_encoder, slow, big_extra={"trust_remote_code": True}, unit_rows=3)
     data = config.model_dump(mode="json", exclude_unset=True) | {"ray": {"num_cpus": 3}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -196,9 +204,11 @@ def test_driver_killed_in_the_last_stage_then_resumed(
         start_new_session=True,
     )
     done = out / "_work" / "done"  # the last stage's commits: it writes the output itself
+    manifest = out / "_work" / "manifest.json"  # the last stage's units planned: its job has started
     deadline = time.monotonic() + 300
     while driver.poll() is None and time.monotonic() < deadline:
-        if done.exists() and len(list(done.glob("*.json"))) >= 2:
+        if manifest.exists() and json.loads(manifest.read_text()).get("units"):
+            time.sleep(2.0)  # into the stage's 6 s of scoring (120 pairs at 20 pairs/s)
             os.killpg(driver.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
