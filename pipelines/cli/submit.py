@@ -397,11 +397,14 @@ def submit(args: argparse.Namespace) -> int:
             flush=True,
         )
         return 0
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C and SIGTERM raise KeyboardInterrupt wherever the main thread is: asyncio.run's own SIGINT handler
+    # only cancels the log tail, and Ray's log stream can end quietly on that cancel (the job then ran on).
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return follow(client, sid, address, args.on_interrupt)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
