@@ -32,7 +32,7 @@ from typing import Any
 
 from pipelines.config import RerankJobConfig
 from pipelines.errors import ConfigError, OutputError, RerankError
-from pipelines.io.commit import COMPLETE, EMPTY, FOREIGN, INCOMPLETE, REJECTS, WORK, Progress
+from pipelines.io.commit import COMPLETE, EMPTY, REJECTS, WORK, Progress
 from pipelines.io.lease import Lease, describe_holder, live_lease
 from pipelines.io.storage import Storage
 from pipelines.job.link import CascadeLink
@@ -49,6 +49,7 @@ from pipelines.job.plan import (
     inspect_corpus,
     inspect_input,
     plan_rerank,
+    refuse_by_state,
 )
 from pipelines.job.run import run_job
 from pipelines.job.summary import JobError, JobSummary
@@ -183,21 +184,7 @@ def plan_cascade(config: RerankJobConfig, on_cluster: bool | None = None) -> Cas
         identities |= _identities(corpus[0], [f.info for f in corpus[1]], corpus[1])
     fingerprint = cascade_fingerprint(config, [m.get("revision") for m in models], identities)
     mode = config.output.mode
-    if mode == "error" and state == INCOMPLETE:
-        raise OutputError(
-            f"output {config.output.uri} holds a cascade that did not finish: finish it with --resume "
-            "(output.mode=resume), or start over with output.mode=overwrite"
-        )
-    if mode in ("error", "resume") and state == FOREIGN:
-        raise OutputError(
-            f"output {config.output.uri} already holds files that are not a rerank job's; set output.mode=overwrite "
-            "to replace them or pick a new output.uri"
-        )
-    if mode == "error" and state == COMPLETE:
-        raise OutputError(
-            f"output {config.output.uri} already holds a finished job; set output.mode=overwrite to replace it or "
-            "pick a new output.uri"
-        )
+    refuse_by_state(config.output.uri, mode, state, lambda: "a cascade that did not finish")
     if mode == "resume" and state == COMPLETE:
         summary = progress.read_summary() or {}
         recorded = summary.get("fingerprint")

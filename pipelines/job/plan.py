@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,21 +304,7 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None, held: L
     if corpus:
         identities |= _identities(corpus[0], [f.info for f in corpus[1]], corpus[1])
     fingerprint = job_fingerprint(config, model, identities)
-    if mode == "error" and state == INCOMPLETE:
-        raise OutputError(
-            f"output {config.output.uri} holds {progress.describe_incomplete()}: finish it with --resume "
-            "(output.mode=resume), or start over with output.mode=overwrite"
-        )
-    if mode in ("error", "resume") and state == FOREIGN:
-        raise OutputError(
-            f"output {config.output.uri} already holds files that are not a rerank job's; set output.mode=overwrite "
-            "to replace them or pick a new output.uri"
-        )
-    if mode == "error" and state == COMPLETE:
-        raise OutputError(
-            f"output {config.output.uri} already holds a finished job; set output.mode=overwrite to replace it or "
-            "pick a new output.uri"
-        )
+    refuse_by_state(config.output.uri, mode, state, progress.describe_incomplete)
     if manifest is not None:
         _refuse_changed_job(config.output.uri, manifest.get("fingerprint", {}), fingerprint, storage, False)
     if mode == "resume" and state == COMPLETE:
@@ -336,6 +323,27 @@ def plan_rerank(config: RerankJobConfig, on_cluster: bool | None = None, held: L
     plan = JobPlan(config, storage, files, footers, layout, corpus, model, out_storage, out_path, state, fingerprint)
     plan.seen, plan.protected = seen, protected
     return plan
+
+
+def refuse_by_state(uri: str, mode: str, state: str, unfinished: Callable[[], str]) -> None:
+    """OutputError when output.mode does not allow what the output folder holds: an unfinished run without
+    --resume (`unfinished` says what it is), files that are not a rerank job's, a finished job without
+    overwrite. One home for the rule, for a job and a cascade."""
+    if mode == "error" and state == INCOMPLETE:
+        raise OutputError(
+            f"output {uri} holds {unfinished()}: finish it with --resume (output.mode=resume), or start over with "
+            "output.mode=overwrite"
+        )
+    if mode in ("error", "resume") and state == FOREIGN:
+        raise OutputError(
+            f"output {uri} already holds files that are not a rerank job's; set output.mode=overwrite to replace "
+            "them or pick a new output.uri"
+        )
+    if mode == "error" and state == COMPLETE:
+        raise OutputError(
+            f"output {uri} already holds a finished job; set output.mode=overwrite to replace it or pick a new "
+            "output.uri"
+        )
 
 
 class OutputChanged(OutputError):
